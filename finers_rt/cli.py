@@ -1,0 +1,231 @@
+"""`finers-rt` command line: make-tiny, make-synth, run, eval, demo.
+
+Each subcommand is a keyword-only function; `main(argv=None)` parses and dispatches. Library code
+logs; only this module prints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import PRESETS, REGION_MODES, TASKS, PipelineConfig
+
+log = logging.getLogger("finers_rt")
+
+
+def _pipeline_config(args) -> PipelineConfig:
+    cfg = PRESETS[args.preset]
+    changes = {}
+    if args.region_mode is not None:
+        changes["region_mode"] = args.region_mode
+    if args.lpr_channel_swap is not None:
+        changes["lpr_channel_swap"] = args.lpr_channel_swap
+    if args.parse_mode is not None:
+        changes["parse_mode"] = args.parse_mode
+    return cfg.replace(**changes)
+
+
+def _load_pipeline(args):
+    from .pipeline import Pipeline
+
+    return Pipeline.from_checkpoints(args.checkpoints, backend=args.backend, device=args.device,
+                                     precision=args.precision, config=_pipeline_config(args),
+                                     sam2_config=args.sam2_config)
+
+
+def cmd_make_tiny(*, out: Path, seed: int = 0, size: str = "tiny") -> None:
+    from .export.tiny import make_tiny
+
+    make_tiny(out, seed=seed, size=size)
+    print(f"tiny {size} checkpoints (random weights, seed {seed}) written to {out}/{{gse,lpr,sam2}}")
+
+
+def cmd_make_synth(*, out: Path, n: int = 20, seed: int = 0) -> None:
+    from .synth import make_synth
+
+    path = make_synth(out, n=n, seed=seed)
+    print(f"synthetic FineRS-4k-format dataset: {path} (images in {out / 'images'})")
+
+
+def cmd_run(*, args) -> None:
+    from .forced import load_force_file
+    from .image import load_image
+    from .viz import save_mask, save_overlay
+
+    force = load_force_file(args.force_output) if args.force_output else None
+    pipeline = _load_pipeline(args)
+    image = load_image(args.image)
+    res = pipeline.run(image, args.question, task=args.task, options=args.options, force_output=force)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(res.to_dict(), indent=2))
+    save_mask(res.mask, out / "mask.png")
+    save_overlay(image, res, out / "overlay.png")
+    print_summary(res)
+    print(f"wrote {out / 'result.json'}, {out / 'mask.png'}, {out / 'overlay.png'}")
+
+
+def print_summary(res) -> None:
+    forced = " (FORCED OUTPUT: stage texts scripted, not generated)" if res.forced else ""
+    print(f"backend {res.backend} {res.precision}{forced}")
+    print(f"answer: {res.answer!r}   parse: gse={res.parse.get('gse')} lpr={res.parse.get('lpr', '-')}")
+    print(f"gse box {res.gse_box}  crop {res.crop_box}  lpr box {res.lpr_box}  points {res.points}")
+    print(f"mask area {res.mask_area} px  sam2 score {res.sam2_score}")
+    print(format_timings(res))
+
+
+def format_timings(res) -> str:
+    rows = [f"{'stage':<14}{'ms':>10}"]
+    for k, v in res.timings_ms.items():
+        extra = ""
+        stage = k.split("_")[0]
+        if k.endswith("_decode") and res.tokens.get(stage):
+            n = res.tokens[stage]
+            extra = f"   {n} tokens, {v / n:.1f} ms/token"
+        rows.append(f"{k:<14}{v:>10.1f}{extra}")
+    return "\n".join(rows)
+
+
+def cmd_eval(*, args) -> None:
+    from .evaluate import evaluate
+
+    pipeline = _load_pipeline(args)
+    summary = evaluate(pipeline, Path(args.annotations), Path(args.images), Path(args.out),
+                       limit=args.limit, save_masks=args.save_masks, force_from_gt=args.force_output_from_gt)
+    print(json.dumps({k: summary[k] for k in ("giou", "ciou", "option_acc", "reasoning_acc", "counts")}, indent=2))
+    print(f"wrote {Path(args.out) / 'results.json'} and per_sample.jsonl")
+
+
+def _ensure_tiny(path: Path, seed: int = 0, size: str = "tiny") -> Path:
+    """Reuse tiny checkpoints from an earlier demo if they were made with the same seed and size."""
+    meta = path / "tiny.json"
+    if meta.is_file():
+        info = json.loads(meta.read_text())
+        if info.get("seed") == seed and info.get("size") == size:
+            return path
+    from .export.tiny import make_tiny
+
+    print(f"building tiny random-weight checkpoints in {path} ...")
+    make_tiny(path, seed=seed, size=size)
+    return path
+
+
+def cmd_demo(*, args) -> None:
+    from .dataset import load_annotations
+    from .evaluate import answer_correct
+    from .forced import FOUND, from_ground_truth
+    from .image import load_image
+    from .viz import save_mask, save_overlay
+    from .synth import make_synth
+
+    work = Path(args.workdir)
+    ckpts = _ensure_tiny(work / "checkpoints")
+    ann = make_synth(work / "synth", n=3, seed=0)
+    sample = load_annotations(ann, work / "synth" / "images")[0]
+    args.checkpoints = ckpts
+    pipeline = _load_pipeline(args)
+    image = load_image(sample.image_path)
+    h, w = image.shape[:2]
+    response = FOUND if sample.task == "referring" else sample.answer
+    force = from_ground_truth(sample.polygon, w, h, response, pipeline.config)
+    options = sample.options if sample.task == "option" else None
+    res = pipeline.run(image, sample.question, task=sample.task, options=options, force_output=force)
+    out = work / "run"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(res.to_dict(), indent=2))
+    save_mask(res.mask, out / "mask.png")
+    save_overlay(image, res, out / "overlay.png")
+    print("finers-rt demo: the checkpoints are TINY RANDOM-WEIGHT models, not FineRS. Their stage")
+    print("texts are forced from the synthetic ground truth so that every stage does its real work;")
+    print("boxes, masks and answers therefore say nothing about model quality.\n")
+    print(f"image {sample.image_path.name} ({w}x{h}), question [{sample.task}]: {sample.question}")
+    print_summary(res)
+    print(f"wrote {out}/result.json, mask.png, overlay.png")
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser, *, need_checkpoints: bool = True) -> None:
+    if need_checkpoints:
+        p.add_argument("--checkpoints", required=True, type=Path,
+                       help="folder with gse/, lpr/ (HF Qwen2.5-VL) and sam2/ (a SAM2 .pt)")
+    p.add_argument("--backend", default="torch", choices=["torch"], help="inference backend")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--sam2-config", default=None,
+                   help="sam2 package config for the SAM2 checkpoint, e.g. configs/sam2/sam2_hiera_l.yaml "
+                        "(default: sam2/sam2.json, else inferred from the .pt file name)")
+    p.add_argument("--preset", default="reference", choices=sorted(PRESETS),
+                   help="reference: reproduces the published pipeline, bugs included")
+    p.add_argument("--region-mode", choices=REGION_MODES, default=None,
+                   help="clamp (reference) or shift the region inside the image")
+    p.add_argument("--lpr-channel-swap", action=argparse.BooleanOptionalAction, default=None,
+                   help="feed LPR R/B-swapped crops as the reference does (default on)")
+    p.add_argument("--parse-mode", choices=["reference", "tolerant"], default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="finers-rt", description=__doc__.splitlines()[0])
+    ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny", help="write tiny random-weight gse/lpr/sam2 checkpoints")
+    p.add_argument("out", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", choices=["tiny", "bench"], default="tiny")
+
+    p = sub.add_parser("make-synth", help="write a synthetic FineRS-4k-format dataset")
+    p.add_argument("out", type=Path)
+    p.add_argument("--n", type=int, default=20, help="number of annotations")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("run", help="run the pipeline on one image")
+    _add_pipeline_args(p)
+    p.add_argument("--image", required=True)
+    p.add_argument("--question", required=True)
+    p.add_argument("--task", choices=TASKS, default="referring")
+    p.add_argument("--options", default=None, help="options text for --task option, e.g. \"['A. red', 'B. blue']\"")
+    p.add_argument("--force-output", default=None, metavar="FILE.json",
+                   help='script the stage texts: {"gse": "...", "lpr": "..."} (testing only)')
+    p.add_argument("--out", default="finers-out", help="folder for result.json, mask.png, overlay.png")
+
+    p = sub.add_parser("eval", help="evaluate on FineRS-4k-format annotations")
+    _add_pipeline_args(p)
+    p.add_argument("--annotations", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--out", default="finers-eval")
+    p.add_argument("--save-masks", action="store_true")
+    p.add_argument("--force-output-from-gt", action="store_true",
+                   help="script each stage's text from the annotation (checks the chain with random weights)")
+
+    p = sub.add_parser("demo", help="tiny checkpoints + synthetic data + one run (random weights)")
+    _add_pipeline_args(p, need_checkpoints=False)
+    p.add_argument("--workdir", default="demo-out")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "make-tiny":
+            cmd_make_tiny(out=args.out, seed=args.seed, size=args.size)
+        elif args.command == "make-synth":
+            cmd_make_synth(out=args.out, n=args.n, seed=args.seed)
+        elif args.command == "run":
+            cmd_run(args=args)
+        elif args.command == "eval":
+            cmd_eval(args=args)
+        elif args.command == "demo":
+            cmd_demo(args=args)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"finers-rt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Parse a stage's generated text into a box, points and a response, as the reference does.
+
+Reference behaviour (finers-pipeline.md §4): replace `]"` by `]`, take the FIRST `{...}` without
+nested braces anywhere in the text, try JSON then a Python literal; bbox = the first key containing
+"bbox" whose value has 4 numbers; points = the first two keys containing "points"; response = key
+"response"; each coordinate becomes `round(int(v) * factor)`.
+
+`parse_output` never raises: every failure is a status string plus a human-readable reason.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+_OBJECT = re.compile(r"{[^}]+}")
+_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+# An unquoted key after "{" or ",", as in the LPR prompt's own example `response: 'A'`.
+_BARE_KEY = re.compile(r"([{,]\s*)([A-Za-z_][A-Za-z0-9_]*)\s*:")
+
+OK = "ok"
+NO_JSON = "no_json"  # no {...} in the text
+BAD_JSON = "bad_json"  # a {...} that is neither JSON nor a Python dict literal
+NO_BBOX = "no_bbox"  # a dict without a 4-number "bbox" key
+NO_POINTS = "no_points"  # LPR: a box but fewer than two 2-number "points" keys
+
+
+@dataclass
+class Parsed:
+    """One stage's parsed answer. Coordinates are ints already scaled by the stage's factors.
+
+    bbox: (x_min, y_min, x_max, y_max) or None; points: up to two (x, y) tuples.
+    """
+
+    status: str
+    bbox: tuple[int, int, int, int] | None = None
+    points: list[tuple[int, int]] = field(default_factory=list)
+    response: str = ""
+    think: str | None = None
+    reason: str = ""
+
+
+def _as_int(v) -> int | None:
+    """`int(v)` as the reference applies it (floats truncate, numeric strings parse); None if invalid."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    try:
+        return int(v)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _numbers(value, n: int) -> list[int] | None:
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        return None
+    ints = [_as_int(v) for v in value]
+    return None if any(i is None for i in ints) else ints
+
+
+def _load_dict(snippet: str, tolerant: bool):
+    """JSON, then a Python literal (then, if tolerant, with bare keys quoted). None on failure."""
+    attempts = [json.loads, ast.literal_eval]
+    if tolerant:
+        attempts.append(lambda s: ast.literal_eval(_BARE_KEY.sub(r'\1"\2":', s)))
+    for load in attempts:
+        try:
+            data = load(snippet)
+        except Exception:  # hostile text can raise anything from the parsers, incl. RecursionError
+            continue
+        if isinstance(data, dict):
+            return data
+    return None
+
+
+def _scale(xy: list[int], fx: float, fy: float) -> list[int]:
+    return [round(v * (fx if i % 2 == 0 else fy)) for i, v in enumerate(xy)]
+
+
+def parse_output(text: str, fx: float, fy: float, *, want_points: bool, tolerant: bool = False) -> Parsed:
+    """Parse `text`; x coordinates are multiplied by `fx`, y by `fy` (model space -> pixels)."""
+    if not isinstance(text, str):
+        return Parsed(NO_JSON, reason=f"model output is {type(text).__name__}, not text")
+    m = _THINK.search(text)
+    think = m.group(1).strip() if m else None
+    m = _OBJECT.search(text.replace(']"', "]"))
+    if m is None:
+        return Parsed(NO_JSON, think=think, reason="no {...} object in the output")
+    data = _load_dict(m.group(0), tolerant)
+    if data is None:
+        return Parsed(BAD_JSON, think=think, reason=f"not JSON or a Python dict: {m.group(0)[:200]!r}")
+
+    keys = [k for k in data if isinstance(k, str)]
+    bbox = next((b for k in keys if "bbox" in k and (b := _numbers(data[k], 4))), None)
+    pts = [p for k in keys if "points" in k and (p := _numbers(data[k], 2))][:2]
+    response = data.get("response", "")
+    out = Parsed(
+        OK,
+        bbox=tuple(_scale(bbox, fx, fy)) if bbox else None,
+        points=[tuple(_scale(p, fx, fy)) for p in pts] if want_points else [],
+        response=response if isinstance(response, str) else str(response),
+        think=think,
+    )
+    if bbox is None:
+        out.status, out.reason = NO_BBOX, "no key containing 'bbox' with 4 numbers"
+    elif want_points and len(pts) < 2:
+        out.status, out.reason = NO_POINTS, f"{len(pts)} of 2 'points' keys with 2 numbers"
+    return out
