@@ -167,7 +167,7 @@ def _add_pipeline_args(p: argparse.ArgumentParser, *, need_checkpoints: bool = T
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="finers-rt", description=__doc__.splitlines()[0])
-    ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks of errors")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-tiny", help="write tiny random-weight gse/lpr/sam2 checkpoints")
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "make-tiny":
@@ -222,6 +222,7 @@ def main(argv=None) -> int:
         elif args.command == "demo":
             cmd_demo(args=args)
     except (ValueError, FileNotFoundError, ImportError) as e:
+        log.debug("traceback", exc_info=True)
         print(f"finers-rt {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

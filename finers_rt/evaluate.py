@@ -11,7 +11,7 @@ from tqdm import tqdm
 from .dataset import Sample, load_annotations
 from .forced import FOUND, from_ground_truth
 from .image import load_image
-from .metrics import SampleScore, intersection_union, option_correct, polygon_mask, reasoning_correct, summarize
+from .metrics import SampleScore, intersection_union, polygon_mask, qa_correct, summarize
 from .pipeline import Pipeline
 from .viz import save_mask
 
@@ -20,12 +20,8 @@ log = logging.getLogger(__name__)
 
 def answer_correct(sample: Sample, response: str, gse_ok: bool) -> bool | None:
     """VQA correctness; None for referring. A sample whose GSE found no box counts as wrong."""
-    if sample.task == "referring":
-        return None
-    if not gse_ok:
-        return False
-    check = option_correct if sample.task == "option" else reasoning_correct
-    return check(response, sample.answer)
+    verdict = qa_correct(sample.task, response, sample.answer)
+    return verdict if verdict is None else (gse_ok and verdict)
 
 
 def evaluate(pipeline: Pipeline, annotations: Path, images: Path, out: Path, *, limit: int | None = None,

@@ -66,7 +66,7 @@ def from_ground_truth(polygon, width: int, height: int, response: str,
 
 def _interior_points(polygon, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Two points deep inside the polygon: the deepest pixel (by repeated 4-neighbour erosion),
-    then the deepest pixel outside a disk of that depth around it (or the same point again)."""
+    then the deepest pixel outside a disk of half that depth around it (or the same point)."""
     pts = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
     ox, oy = int(max(pts[:, 0].min() - 2, 0)), int(max(pts[:, 1].min() - 2, 0))
     local = (pts - [ox, oy]).tolist()
@@ -75,7 +75,7 @@ def _interior_points(polygon, width: int, height: int) -> tuple[tuple[int, int],
     mask = polygon_mask(local, h, w)
     depth = _depth(mask)
     y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
-    r = max(int(depth[y, x]), 1)
+    r = max(int(depth[y, x]) // 2, 1)
     yy, xx = np.mgrid[:h, :w]
     rest = np.where((yy - y) ** 2 + (xx - x) ** 2 > r * r, depth, 0)
     y2, x2 = np.unravel_index(int(np.argmax(rest)), rest.shape) if rest.max() > 0 else (y, x)

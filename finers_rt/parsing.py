@@ -1,9 +1,12 @@
 """Parse a stage's generated text into a box, points and a response, as the reference does.
 
-Reference behaviour (finers-pipeline.md §4): replace `]"` by `]`, take the FIRST `{...}` without
-nested braces anywhere in the text, try JSON then a Python literal; bbox = the first key containing
-"bbox" whose value has 4 numbers; points = the first two keys containing "points"; response = key
-"response"; each coordinate becomes `round(int(v) * factor)`.
+Reference behaviour (finers-pipeline.md §4, checked against the authors' script): replace `]"` by
+`]`, take the FIRST `{...}` without nested braces anywhere in the text, try JSON then a Python
+literal; bbox = the value of the first key whose lower-cased name contains "bbox", used only if it
+has 4 entries; points = the values of the first two keys containing "points", used only if there
+are two such keys; response = key "response"; each coordinate becomes `round(int(v) * factor)`;
+think = the first `<think>...</think>` without a "<" inside. Where the reference would crash (a
+value `int()` rejects, a set literal) this parser returns a failure status instead.
 
 `parse_output` never raises: every failure is a status string plus a human-readable reason.
 """
@@ -16,15 +19,15 @@ import re
 from dataclasses import dataclass, field
 
 _OBJECT = re.compile(r"{[^}]+}")
-_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_THINK = re.compile(r"<think>([^<]+)</think>")
 # An unquoted key after "{" or ",", as in the LPR prompt's own example `response: 'A'`.
 _BARE_KEY = re.compile(r"([{,]\s*)([A-Za-z_][A-Za-z0-9_]*)\s*:")
 
 OK = "ok"
 NO_JSON = "no_json"  # no {...} in the text
 BAD_JSON = "bad_json"  # a {...} that is neither JSON nor a Python dict literal
-NO_BBOX = "no_bbox"  # a dict without a 4-number "bbox" key
-NO_POINTS = "no_points"  # LPR: a box but fewer than two 2-number "points" keys
+NO_BBOX = "no_bbox"  # the first "bbox" key is missing or not 4 numbers
+NO_POINTS = "no_points"  # LPR: fewer than two "points" keys, or one that is not 2 numbers
 
 
 @dataclass
@@ -55,7 +58,8 @@ def _as_int(v) -> int | None:
 
 
 def _numbers(value, n: int) -> list[int] | None:
-    if not isinstance(value, (list, tuple)) or len(value) != n:
+    # A string of length n passes the reference's len() check and int()s per character: kept.
+    if not isinstance(value, (list, tuple, str)) or len(value) != n:
         return None
     ints = [_as_int(v) for v in value]
     return None if any(i is None for i in ints) else ints
@@ -85,7 +89,7 @@ def parse_output(text: str, fx: float, fy: float, *, want_points: bool, tolerant
     if not isinstance(text, str):
         return Parsed(NO_JSON, reason=f"model output is {type(text).__name__}, not text")
     m = _THINK.search(text)
-    think = m.group(1).strip() if m else None
+    think = m.group(1) if m else None
     m = _OBJECT.search(text.replace(']"', "]"))
     if m is None:
         return Parsed(NO_JSON, think=think, reason="no {...} object in the output")
@@ -94,8 +98,11 @@ def parse_output(text: str, fx: float, fy: float, *, want_points: bool, tolerant
         return Parsed(BAD_JSON, think=think, reason=f"not JSON or a Python dict: {m.group(0)[:200]!r}")
 
     keys = [k for k in data if isinstance(k, str)]
-    bbox = next((b for k in keys if "bbox" in k and (b := _numbers(data[k], 4))), None)
-    pts = [p for k in keys if "points" in k and (p := _numbers(data[k], 2))][:2]
+    bbox_key = next((k for k in keys if "bbox" in k.lower()), None)
+    bbox = _numbers(data[bbox_key], 4) if bbox_key is not None else None
+    point_keys = [k for k in keys if "points" in k.lower()][:2]
+    pts = [_numbers(data[k], 2) for k in point_keys]
+    pts = pts if len(pts) == 2 and all(pts) else []
     response = data.get("response", "")
     out = Parsed(
         OK,
@@ -105,7 +112,9 @@ def parse_output(text: str, fx: float, fy: float, *, want_points: bool, tolerant
         think=think,
     )
     if bbox is None:
-        out.status, out.reason = NO_BBOX, "no key containing 'bbox' with 4 numbers"
-    elif want_points and len(pts) < 2:
-        out.status, out.reason = NO_POINTS, f"{len(pts)} of 2 'points' keys with 2 numbers"
+        why = "no key containing 'bbox'" if bbox_key is None else f"{bbox_key!r} is not 4 numbers"
+        out.status, out.reason = NO_BBOX, why
+    elif want_points and not pts:
+        why = f"{len(point_keys)} 'points' keys" if len(point_keys) < 2 else "a 'points' value is not 2 numbers"
+        out.status, out.reason = NO_POINTS, why
     return out

@@ -13,10 +13,10 @@ import numpy as np
 
 from . import __version__
 from .config import PipelineConfig
-from .image import crop, load_image, swap_rb
+from .image import load_image, swap_rb
 from .parsing import OK, parse_output
-from .region import dynamic_box, paste_mask, to_original
-from .result import Result
+from .region import crop, dynamic_box, paste_mask, to_original
+from .result import TIMING_KEYS, Result
 from .segment import SegmentPredictor, best_mask, prompt_arrays
 from .vlm import Generator, VLMStage
 
@@ -133,7 +133,7 @@ class Pipeline:
         if "gse_preprocess" in ms:
             ms["preprocess"] += ms.pop("gse_preprocess")
         ms["total"] = _ms(t_start)
-        res.timings_ms = ms
+        res.timings_ms = {k: ms[k] for k in TIMING_KEYS if k in ms}
         return res
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ from finers_rt.parsing import BAD_JSON, NO_BBOX, NO_JSON, NO_POINTS, OK, parse_o
 def test_gse_python_literal_with_think():
     p = parse_output("<think> look left </think><answer>{'bbox': [100,200,356,456], 'response': 'A'}</answer>",
                      2.0, 2.0, want_points=False)
-    assert (p.status, p.bbox, p.response, p.think) == (OK, (200, 400, 712, 912), "A", "look left")
+    assert (p.status, p.bbox, p.response, p.think) == (OK, (200, 400, 712, 912), "A", " look left ")
 
 
 def test_int_truncation_then_python_round_half_even():
@@ -36,9 +36,15 @@ def test_nested_braces_fail_like_the_reference():
     assert p.status == BAD_JSON and p.bbox is None
 
 
-def test_first_bbox_key_with_four_numbers_and_string_numbers():
-    p = parse_output("{'bbox': [1, 2], 'region_bbox': ['5', 6, 7.9, 8]}", 1, 1, want_points=False)
+def test_only_the_first_bbox_key_counts_case_insensitive_and_string_numbers():
+    p = parse_output("{'Region_BBox': ['5', 6, 7.9, 8], 'bbox': [1, 1, 1, 1]}", 1, 1, want_points=False)
     assert p.bbox == (5, 6, 7, 8)
+    p = parse_output("{'bbox': [1, 2], 'region_bbox': [5, 6, 7, 8]}", 1, 1, want_points=False)
+    assert (p.status, p.bbox) == (NO_BBOX, None)
+
+
+def test_think_is_first_tag_pair_without_angle_brackets_inside():
+    assert parse_output("<think>a<b</think><think>c</think>{}", 1, 1, want_points=False).think == "c"
 
 
 def test_unquoted_response_key_reference_vs_tolerant():
@@ -50,7 +56,9 @@ def test_unquoted_response_key_reference_vs_tolerant():
 
 def test_lpr_missing_points_keeps_box():
     p = parse_output("{'bbox': [0,0,5,5], 'points_1': [1,1]}", 1, 1, want_points=True)
-    assert (p.status, p.bbox, p.points) == (NO_POINTS, (0, 0, 5, 5), [(1, 1)])
+    assert (p.status, p.bbox, p.points) == (NO_POINTS, (0, 0, 5, 5), [])
+    p = parse_output("{'bbox': [0,0,5,5], 'points_1': [1,1], 'points_2': [1]}", 1, 1, want_points=True)
+    assert (p.status, p.points) == (NO_POINTS, [])
 
 
 def test_points_only_has_no_bbox_status():

@@ -1,6 +1,7 @@
 """Reference `SegmentPredictor`: the `sam2` package's SAM2ImagePredictor, loaded as the authors do."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,16 @@ class TorchSAM2:
     def __init__(self, sam2_dir: str | Path, *, config: str | None = None, device: str = "cpu"):
         ckpt, cfg = resolve_sam2(Path(sam2_dir), config)
         self.checkpoint, self.config = ckpt, cfg
-        self.predictor = SAM2ImagePredictor(build_sam2(cfg, str(ckpt), device=device))
+        # Hydra imports the model modules here; sam2 1.1.0 calls the deprecated torch.jit.script.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.script")
+            model = build_sam2(cfg, str(ckpt), device=device)
+        self.predictor = SAM2ImagePredictor(model)
 
     def set_image(self, image: np.ndarray) -> None:
         with torch.inference_mode():
-            self.predictor.set_image(image)
+            # torchvision's to_tensor wants a writable array (crops of decoded images may be views).
+            self.predictor.set_image(np.require(image, requirements=["C", "W"]))
 
     def predict(self, box, points, labels, multimask_output: bool = True):
         with torch.inference_mode():

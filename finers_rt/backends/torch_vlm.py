@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 torch = require("torch", "export")
 transformers = require("transformers", "export")
+transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars per stage load
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Qwen2.5-VL's generation_config lists both; <|im_end|> is the one a chat model emits.
@@ -59,9 +60,10 @@ class TorchGenerator:
         if precision not in DTYPES:
             raise ValueError(f"torch precision must be one of {sorted(DTYPES)}, got {precision!r}")
         checkpoint = Path(checkpoint)
-        # backend="pil": the slow processor (PIL BICUBIC), which the reference ran; the torchvision
-        # one resizes differently.
-        self.processor = transformers.AutoProcessor.from_pretrained(checkpoint, backend="pil")
+        # The image processor's PIL backend (PIL BICUBIC smart_resize) is what the reference ran;
+        # 5.x defaults to the torchvision one, which resizes differently.
+        self.processor = transformers.AutoProcessor.from_pretrained(checkpoint)
+        self.processor.image_processor = transformers.AutoImageProcessor.from_pretrained(checkpoint, backend="pil")
         self.tokenizer = self.processor.tokenizer
         self.model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
             checkpoint, dtype=DTYPES[precision]

