@@ -1,4 +1,4 @@
-"""`finers-rt` command line: make-tiny, make-synth, run, eval, demo.
+"""finers-rt: FineRS deployment runtime (GSE -> region -> LPR -> SAM2). Subcommands below.
 
 Each subcommand is a keyword-only function; `main(argv=None)` parses and dispatches. Library code
 logs; only this module prints.
@@ -28,12 +28,34 @@ def _pipeline_config(args) -> PipelineConfig:
     return cfg.replace(**changes)
 
 
+def _backend(args) -> str:
+    """--backend, else inferred: --engines means ort, --checkpoints means torch."""
+    backend = args.backend or ("ort" if args.engines else "torch")
+    if backend == "ort" and not args.engines:
+        raise ValueError("--backend ort needs --engines DIR (build one with `finers-rt export`)")
+    if backend == "torch" and not args.checkpoints:
+        raise ValueError("--backend torch needs --checkpoints DIR")
+    return backend
+
+
 def _load_pipeline(args):
     from .pipeline import Pipeline
 
-    return Pipeline.from_checkpoints(args.checkpoints, backend=args.backend, device=args.device,
+    if _backend(args) == "ort":
+        return Pipeline.from_engines(args.engines, device=args.device, config=_pipeline_config(args))
+    return Pipeline.from_checkpoints(args.checkpoints, backend="torch", device=args.device,
                                      precision=args.precision, config=_pipeline_config(args),
                                      sam2_config=args.sam2_config)
+
+
+def cmd_export(*, args) -> None:
+    from .export.engine import export_engines
+
+    manifest = export_engines(Path(args.checkpoints), Path(args.out), precision=args.precision,
+                              overwrite=args.overwrite, sam2_config=args.sam2_config)
+    print(f"exported {len(manifest['graphs'])} graphs ({manifest['precision']}) to {args.out}; verification:")
+    for name, g in manifest["graphs"].items():
+        print(f"  {name:<26} vs torch: max abs diff {g['max_abs_diff']:.3g}, mismatch {g['mismatch_pct']:.3g} %")
 
 
 def cmd_make_tiny(*, out: Path, seed: int = 0, size: str = "tiny") -> None:
@@ -113,19 +135,38 @@ def _ensure_tiny(path: Path, seed: int = 0, size: str = "tiny") -> Path:
     return path
 
 
+def _ensure_engines(ckpts: Path, out: Path) -> Path:
+    """Export `ckpts` to `out` unless an fp32 export of exactly these checkpoints is there."""
+    from .manifest import MANIFEST, hash_tree
+
+    meta = out / MANIFEST
+    if meta.is_file():
+        m = json.loads(meta.read_text())
+        if m.get("precision") == "fp32" and m.get("sources") == {s: hash_tree(ckpts / s) for s in ("gse", "lpr", "sam2")}:
+            return out
+    from .export.engine import export_engines
+
+    print(f"exporting the tiny checkpoints to ONNX in {out} (each graph is verified against torch) ...")
+    manifest = export_engines(ckpts, out, overwrite=True)
+    for name, g in manifest["graphs"].items():
+        print(f"  {name:<26} vs torch: max abs diff {g['max_abs_diff']:.3g}, mismatch {g['mismatch_pct']:.3g} %")
+    return out
+
+
 def cmd_demo(*, args) -> None:
     from .dataset import load_annotations
-    from .evaluate import answer_correct
     from .forced import FOUND, from_ground_truth
     from .image import load_image
-    from .viz import save_mask, save_overlay
     from .synth import make_synth
+    from .viz import save_mask, save_overlay
 
     work = Path(args.workdir)
     ckpts = _ensure_tiny(work / "checkpoints")
     ann = make_synth(work / "synth", n=3, seed=0)
     sample = load_annotations(ann, work / "synth" / "images")[0]
-    args.checkpoints = ckpts
+    args.checkpoints, args.engines = ckpts, None
+    if (args.backend or "ort") == "ort":
+        args.backend, args.engines = "ort", _ensure_engines(ckpts, work / "engines")
     pipeline = _load_pipeline(args)
     image = load_image(sample.image_path)
     h, w = image.shape[:2]
@@ -148,11 +189,16 @@ def cmd_demo(*, args) -> None:
 
 def _add_pipeline_args(p: argparse.ArgumentParser, *, need_checkpoints: bool = True) -> None:
     if need_checkpoints:
-        p.add_argument("--checkpoints", required=True, type=Path,
-                       help="folder with gse/, lpr/ (HF Qwen2.5-VL) and sam2/ (a SAM2 .pt)")
-    p.add_argument("--backend", default="torch", choices=["torch"], help="inference backend")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+        p.add_argument("--checkpoints", type=Path, default=None,
+                       help="folder with gse/, lpr/ (HF Qwen2.5-VL) and sam2/ (a SAM2 .pt): torch backend")
+        p.add_argument("--engines", type=Path, default=None,
+                       help="engine folder from `finers-rt export`: ort backend (the embedded default)")
+    p.add_argument("--backend", default=None, choices=["torch", "ort"],
+                   help="default: ort with --engines, torch with --checkpoints")
+    p.add_argument("--device", default="cpu",
+                   help="ort: cpu | cuda | tensorrt; torch: cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="torch backend dtype (ort engines carry their own precision)")
     p.add_argument("--sam2-config", default=None,
                    help="sam2 package config for the SAM2 checkpoint, e.g. configs/sam2/sam2_hiera_l.yaml "
                         "(default: sam2/sam2.json, else inferred from the .pt file name)")
@@ -179,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path)
     p.add_argument("--n", type=int, default=20, help="number of annotations")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("export", help="export checkpoints to a verified ONNX engine folder")
+    p.add_argument("--checkpoints", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"],
+                   help="fp32; fp16 (all graphs, GPU providers only); int8/int4 (weight-only decoders, MatMulNBits)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--sam2-config", default=None)
 
     p = sub.add_parser("run", help="run the pipeline on one image")
     _add_pipeline_args(p)
@@ -215,13 +269,15 @@ def main(argv=None) -> int:
             cmd_make_tiny(out=args.out, seed=args.seed, size=args.size)
         elif args.command == "make-synth":
             cmd_make_synth(out=args.out, n=args.n, seed=args.seed)
+        elif args.command == "export":
+            cmd_export(args=args)
         elif args.command == "run":
             cmd_run(args=args)
         elif args.command == "eval":
             cmd_eval(args=args)
         elif args.command == "demo":
             cmd_demo(args=args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, OSError, ImportError, RuntimeError) as e:
         log.debug("traceback", exc_info=True)
         print(f"finers-rt {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ after the reference behaviour they replace.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 TASKS = ("referring", "reasoning", "option")
 REGION_MODES = ("clamp", "shift")

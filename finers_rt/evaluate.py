@@ -11,7 +11,13 @@ from tqdm import tqdm
 from .dataset import Sample, load_annotations
 from .forced import FOUND, from_ground_truth
 from .image import load_image
-from .metrics import SampleScore, intersection_union, polygon_mask, qa_correct, summarize
+from .metrics import (
+    SampleScore,
+    intersection_union,
+    polygon_mask,
+    qa_correct,
+    summarize,
+)
 from .pipeline import Pipeline
 from .viz import save_mask
 

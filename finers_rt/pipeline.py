@@ -22,7 +22,7 @@ from .vlm import Generator, VLMStage
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "ort")
 
 
 class Pipeline:
@@ -49,7 +49,10 @@ class Pipeline:
                     "(make test ones with `finers-rt make-tiny DIR`)"
                 )
         if backend != "torch":
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+            raise ValueError(
+                f"from_checkpoints runs the torch backend; for ort export first "
+                f"(`finers-rt export --checkpoints {root} --out ENGINES`) then use from_engines"
+            )
         from .backends.torch_sam2 import TorchSAM2
         from .backends.torch_vlm import TorchGenerator
 
@@ -57,6 +60,19 @@ class Pipeline:
         lpr = TorchGenerator(root / "lpr", device=device, precision=precision)
         sam2 = TorchSAM2(root / "sam2", config=sam2_config, device=device)
         return cls(gse, lpr, sam2, config=config, backend=backend, precision=precision)
+
+    @classmethod
+    def from_engines(cls, engine_dir: str | Path, *, device: str = "cpu",
+                     config: PipelineConfig | None = None) -> "Pipeline":
+        """The `ort` backend on an engine folder written by `finers-rt export`.
+
+        device: "cpu" | "cuda" | "tensorrt" (ONNX Runtime execution providers; a requested one that
+        does not load raises). Imports no torch.
+        """
+        from .backends.ort import load_ort
+
+        gse, lpr, sam2, manifest = load_ort(engine_dir, device)
+        return cls(gse, lpr, sam2, config=config, backend="ort", precision=manifest["precision"])
 
     def run(self, image, question: str, *, task: str = "referring", options=None,
             force_output: dict[str, str] | None = None) -> Result:

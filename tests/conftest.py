@@ -24,3 +24,15 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny_ckpt")
     make_tiny(out, seed=TINY_SEED, size="tiny")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`finers-rt export` of the tiny checkpoints (fp32 ONNX, every graph verified on export)."""
+    for module in ("onnx", "onnxscript"):
+        pytest.importorskip(module, reason=f"export needs {module}: pip install -e '.[export]'")
+    from finers_rt.export.engine import export_engines
+
+    out = tmp_path_factory.mktemp("tiny_engines")
+    export_engines(tiny_ckpt, out, overwrite=True, progress=False)
+    return out

@@ -16,7 +16,6 @@ from finers_rt.metrics import (
     summarize,
 )
 
-
 # --- polygon_mask -------------------------------------------------------------------------------
 
 def test_rectangle_includes_outline():

@@ -16,9 +16,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="needs the [export] extra")
 transformers = pytest.importorskip("transformers", reason="needs the [export] extra")
 
-from tokenizers import Tokenizer  # noqa: E402
-
 from finers_rt.export import tiny, tokenizer  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
 
 IM_END, IMAGE_PAD = 151645, 151655
 CHAT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]

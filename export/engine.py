@@ -1,0 +1,130 @@
+"""`finers-rt export`: checkpoints folder -> engine folder of verified ONNX graphs + manifest.
+
+Layout written (see engines/README.md):
+    OUT/gse/  vision.onnx  decoder.onnx  embed_tokens.npy  + tokenizer / processor / model configs
+    OUT/lpr/  the same for LPR
+    OUT/sam2/ sam2_encoder.onnx  sam2_decoder.onnx
+    OUT/manifest.json
+Every graph verifies itself against torch inside its exporter before this returns.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .. import __version__
+from ..manifest import FORMAT_VERSION, hash_tree, write_manifest
+from ..specs import SAM2_DECODER, SAM2_ENCODER, VISION, decoder_spec_from_config
+from .onnx_decoder import export_decoder
+from .onnx_sam2 import export_sam2
+from .onnx_vision import export_vision
+from .quantize import compare_with_fp32, quantize_weights, to_fp16
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")  # fp16: every graph, for GPU providers; int8/int4: decoders
+OPSET = 18
+# Files a stage folder needs at run time besides the graphs (those a checkpoint has are copied).
+STAGE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
+               "generation_config.json", "chat_template.json")
+
+
+def _prepare(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _versions() -> dict:
+    dists = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "sam2")
+    return {d: metadata.version(d) for d in dists}
+
+
+def _worst(report) -> dict:
+    """Worst max_abs_diff / mismatch_pct anywhere in an exporter's (nested) verification report."""
+    diffs, mism = [], []
+
+    def walk(d):
+        if isinstance(d, dict):
+            for k, v in d.items():
+                if k == "max_abs_diff":
+                    diffs.append(float(v))
+                elif k == "mismatch_pct":
+                    mism.append(float(v))
+                else:
+                    walk(v)
+
+    walk(report)
+    return {"max_abs_diff": max(diffs, default=float("nan")), "mismatch_pct": max(mism, default=float("nan"))}
+
+
+def _entry(spec_digest: str, report: dict) -> dict:
+    return {"spec_digest": spec_digest, **_worst(report), "verification": report}
+
+
+def export_engines(checkpoints: Path, out: Path, *, precision: str = "fp32", overwrite: bool = False,
+                   sam2_config: str | None = None, progress: bool = True) -> dict:
+    """Export GSE, LPR and SAM2 from `checkpoints` (DIR/gse, DIR/lpr, DIR/sam2) into `out`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {PRECISIONS} for ONNX export, got {precision!r}")
+    checkpoints, out = Path(checkpoints).resolve(), Path(out)
+    for sub in ("gse", "lpr", "sam2"):
+        if not (checkpoints / sub).is_dir():
+            raise FileNotFoundError(f"{checkpoints / sub} is missing: --checkpoints needs gse/, lpr/, sam2/")
+    _prepare(out, overwrite)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one export bar here, not a "Loading weights" bar per graph
+    graphs, steps = {}, [("gse", "vision"), ("gse", "decoder"), ("lpr", "vision"), ("lpr", "decoder"), ("sam2", "")]
+    bar = tqdm(steps, desc="export", unit="graph", disable=not progress)
+    for stage, graph in bar:
+        bar.set_postfix_str(f"{stage} {graph}".strip())
+        if stage == "sam2":
+            report = export_sam2(checkpoints / "sam2", out / "sam2", config=sam2_config, opset=OPSET)
+            graphs["sam2/sam2_encoder.onnx"] = _entry(SAM2_ENCODER.digest(), report["encoder"])
+            graphs["sam2/sam2_decoder.onnx"] = _entry(SAM2_DECODER.digest(), report["decoder"])
+            continue
+        (out / stage).mkdir(exist_ok=True)
+        src = checkpoints / stage
+        if graph == "vision":
+            report = export_vision(src, out / stage / "vision.onnx", opset=OPSET)
+            graphs[f"{stage}/vision.onnx"] = _entry(VISION.digest(), report)
+        else:
+            dec = out / stage / "decoder.onnx"
+            report = export_decoder(src, dec, opset=OPSET)
+            if precision in ("int8", "int4"):
+                fp32 = dec.with_name("decoder.fp32.onnx")
+                dec.rename(fp32)
+                n = quantize_weights(fp32, dec, precision)
+                drift = compare_with_fp32(fp32, dec, out / stage / "embed_tokens.npy")
+                fp32.unlink()
+                report = {**report, "quantized_matmuls": n, "vs_fp32": drift}
+            spec = decoder_spec_from_config(json.loads((src / "config.json").read_text()))
+            graphs[f"{stage}/decoder.onnx"] = _entry(spec.digest(), report)
+            for name in STAGE_FILES:
+                if (src / name).is_file():
+                    shutil.copy2(src / name, out / stage / name)
+        log.info("%s %s verified: %s", stage, graph or "encoder+decoder", report)
+    if precision == "fp16":  # after every graph verified in fp32; fp16 runs only on GPU providers
+        for rel in graphs:
+            to_fp16(out / rel)
+            graphs[rel]["fp16"] = "converted after fp32 verification; unverified on hardware here"
+    manifest = {
+        "format": FORMAT_VERSION,
+        "finers_rt": __version__,
+        "precision": precision,
+        "opset": OPSET,
+        "checkpoints": str(checkpoints),
+        "sources": {s: hash_tree(checkpoints / s) for s in ("gse", "lpr", "sam2")},
+        "versions": _versions(),
+        "graphs": graphs,
+    }
+    write_manifest(out, manifest)
+    return manifest

@@ -1,0 +1,262 @@
+"""Host side of the Qwen2.5-VL vision tower: smart_resize, patchify, window/rotary index math.
+
+Pure numpy + PIL (never torch): shared by the `ort` and `trt` backends, the exporter's
+verification and the tests. It reproduces, for one image:
+  - HF `Qwen2VLImageProcessorPil` (PIL resize to the smart_resize size, rescale, normalise,
+    patchify with the temporal duplication), bit-exact through a per-channel lookup table;
+  - the data-dependent index work of `Qwen2_5_VisionTransformerPretrainedModel.forward`
+    (`get_vision_window_index`, `get_vision_position_ids`) plus a padded-window layout, so the
+    exported graph (`finers_rt.export.onnx_vision.export_vision`) holds no data-dependent shapes.
+
+Units: a *patch* is 14x14 pixels (x2 frames); a *merge unit* is 2x2 patches (one LLM token);
+a *window* is window_size/14/2 = 4x4 merge units at most (fewer at the right/bottom edges).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# Qwen2VLImageProcessor's fixed class values for the two settings that Qwen2.5-VL's own
+# preprocessor_config.json does not write (it carries only pixels, sizes, mean and std). They are
+# pinned here, not read from a library, so a transformers upgrade cannot change them.
+QWEN_RESAMPLE = 3  # PIL.Image.BICUBIC
+QWEN_RESCALE = 1 / 255
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+    """(h, w) in pixels: multiples of `factor`, h*w within [min_pixels, max_pixels], aspect kept.
+
+    Qwen's rule as HF implements it (Python `round`: half to even).
+    """
+    if max(height, width) / min(height, width) > 200:
+        ratio = max(height, width) / min(height, width)
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {ratio}")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _need(doc: dict, key: str, path: Path):
+    if key not in doc:
+        raise KeyError(f"{path} has no {key!r}; finers-rt never falls back to library defaults")
+    return doc[key]
+
+
+@dataclass(frozen=True)
+class VisionPreprocessConfig:
+    """Image processor settings (preprocessor_config.json) + the vision index geometry (config.json)."""
+
+    min_pixels: int
+    max_pixels: int
+    patch_size: int  # pixels per patch side (14)
+    temporal_patch_size: int  # frames per patch (2: a still image is duplicated)
+    merge_size: int  # patches per merge-unit side (2)
+    image_mean: tuple[float, ...]  # per RGB channel, on the [0, 1] scale
+    image_std: tuple[float, ...]
+    resample: int = QWEN_RESAMPLE  # PIL filter id
+    rescale_factor: float = QWEN_RESCALE
+    window_size: int | None = None  # pixels per window side (112); from config.json vision_config
+
+    @classmethod
+    def from_json(cls, path: str | Path, vision_config: dict | None = None) -> VisionPreprocessConfig:
+        """Read a checkpoint's preprocessor_config.json (5.x `size` keys or legacy min/max_pixels)."""
+        path = Path(path)
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        for flag in ("do_resize", "do_rescale", "do_normalize"):
+            if doc.get(flag, True) is not True:
+                raise NotImplementedError(f"{path}: {flag}=false is not supported (Qwen2.5-VL sets it true)")
+        size = doc.get("size") or {}
+        if "shortest_edge" in size and "longest_edge" in size:
+            min_pixels, max_pixels = size["shortest_edge"], size["longest_edge"]
+        else:
+            min_pixels, max_pixels = _need(doc, "min_pixels", path), _need(doc, "max_pixels", path)
+        cfg = cls(
+            min_pixels=int(min_pixels),
+            max_pixels=int(max_pixels),
+            patch_size=int(_need(doc, "patch_size", path)),
+            temporal_patch_size=int(_need(doc, "temporal_patch_size", path)),
+            merge_size=int(_need(doc, "merge_size", path)),
+            image_mean=tuple(float(v) for v in _need(doc, "image_mean", path)),
+            image_std=tuple(float(v) for v in _need(doc, "image_std", path)),
+            resample=int(doc.get("resample", QWEN_RESAMPLE)),
+            rescale_factor=float(doc.get("rescale_factor", QWEN_RESCALE)),
+        )
+        return cfg if vision_config is None else cfg.with_vision_config(vision_config)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path) -> VisionPreprocessConfig:
+        """From a checkpoint (or exported stage) folder: preprocessor_config.json + config.json."""
+        checkpoint = Path(checkpoint)
+        config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+        return cls.from_json(checkpoint / "preprocessor_config.json", _need(config, "vision_config", checkpoint))
+
+    def with_vision_config(self, vision: dict) -> VisionPreprocessConfig:
+        """Add window_size from a `vision_config` dict, checking the two files agree on the geometry."""
+        where = "config.json vision_config"
+        for ours, theirs in (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"),
+                             ("temporal_patch_size", "temporal_patch_size")):
+            value = _need(vision, theirs, Path(where))
+            if int(value) != getattr(self, ours):
+                raise ValueError(f"{where} {theirs}={value} disagrees with preprocessor {ours}={getattr(self, ours)}")
+        window = int(_need(vision, "window_size", Path(where)))
+        if window % (self.patch_size * self.merge_size):
+            raise ValueError(f"window_size {window} is not a multiple of patch*merge {self.factor}")
+        return replace(self, window_size=window)
+
+    @property
+    def factor(self) -> int:
+        """Resize granularity in pixels: one merge unit (28)."""
+        return self.patch_size * self.merge_size
+
+    @property
+    def window_units(self) -> int:
+        """Merge units per window side (112 / 28 = 4)."""
+        if self.window_size is None:
+            raise ValueError("window_size unknown: build the config with from_checkpoint(dir)")
+        return self.window_size // self.factor
+
+
+# ---------------------------------------------------------------------------------------------
+# pixels -> patches
+
+
+def resize_for_vision(image: np.ndarray, cfg: VisionPreprocessConfig) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (h, w, 3) uint8 at the smart_resize size (PIL, cfg.resample)."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
+    h, w = smart_resize(image.shape[0], image.shape[1], cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    # HF resizes even when the size already fits; PIL then returns an identical copy.
+    return np.asarray(Image.fromarray(image).resize((w, h), resample=cfg.resample))
+
+
+def _normalise_lut(cfg: VisionPreprocessConfig) -> np.ndarray:
+    """(3, 256) float32: the normalised value of every uint8 level per channel.
+
+    Same arithmetic as HF (rescale in float64 then cast, normalise in float32), so a table lookup
+    is bit-identical to HF's per-pixel math and costs one gather instead of three passes.
+    """
+    scaled = (np.arange(256, dtype=np.float64) * cfg.rescale_factor).astype(np.float32)
+    mean = np.asarray(cfg.image_mean, np.float32)[:, None]
+    std = np.asarray(cfg.image_std, np.float32)[:, None]
+    return (scaled[None, :] - mean) / std
+
+
+def _unit_view(resized: np.ndarray, patch: int, merge: int) -> np.ndarray:
+    """(h, w, 3) uint8 -> view (uh, uw, merge, merge, 3, patch, patch): unit, patch-in-unit, pixel."""
+    h, w, c = resized.shape
+    uh, uw = h // (patch * merge), w // (patch * merge)
+    blocks = resized.reshape(uh, merge, patch, uw, merge, patch, c)
+    return blocks.transpose(0, 3, 1, 4, 6, 2, 5)
+
+
+def _normalise_patches(units_u8: np.ndarray, cfg: VisionPreprocessConfig) -> np.ndarray:
+    """(U, m, m, 3, P, P) uint8 -> (U*m*m, 3*T*P*P) float32, rows (C, T, P, P) as HF lays them out."""
+    p, t = cfg.patch_size, cfg.temporal_patch_size
+    flat = units_u8.reshape(-1, 3, p * p)  # (N, C, P*P) uint8, contiguous after the unit gather
+    lut = _normalise_lut(cfg)
+    out = np.empty((flat.shape[0], 3, t, p * p), np.float32)
+    plane = np.empty((flat.shape[0], p * p), np.float32)
+    for c in range(3):  # one gather per channel, then the temporal copies (a still image: T equal frames)
+        np.take(lut[c], flat[:, c], out=plane, mode="clip")
+        for frame in range(t):
+            out[:, c, frame] = plane
+    return out.reshape(flat.shape[0], -1)
+
+
+def pixel_values(image: np.ndarray, cfg: VisionPreprocessConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """HF processor output for one image: (N, 3*T*P*P) float32 patches in raster (merge-block) order,
+    and the grid (t, gh, gw) in patches."""
+    resized = resize_for_vision(image, cfg)
+    units = _unit_view(resized, cfg.patch_size, cfg.merge_size)
+    uh, uw = units.shape[:2]
+    patches = _normalise_patches(np.ascontiguousarray(units), cfg)
+    return patches, (1, uh * cfg.merge_size, uw * cfg.merge_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# index math of the vision tower (one image, grid (1, gh, gw))
+
+
+def window_index(grid: tuple[int, int, int], merge: int, window_units: int) -> tuple[np.ndarray, np.ndarray]:
+    """HF `get_vision_window_index` for one image.
+
+    Returns (index (U,) int64: the raster merge-unit id at each window-order slot,
+             unit_counts (W,) int64: merge units per non-empty window, in window order).
+    Windows tile the unit grid in raster order, units inside a window in raster order too.
+    """
+    t, gh, gw = grid
+    if t != 1:
+        raise ValueError(f"one still image expected (t=1), got grid {grid}")
+    uh, uw = gh // merge, gw // merge
+    rows, cols = np.divmod(np.arange(uh * uw, dtype=np.int64), uw)
+    windows_w = -(-uw // window_units)  # ceil: partial windows at the right edge
+    window_id = (rows // window_units) * windows_w + cols // window_units
+    slot = (rows % window_units) * window_units + cols % window_units
+    index = np.argsort(window_id * window_units**2 + slot, kind="stable")
+    counts = np.bincount(window_id, minlength=windows_w * -(-uh // window_units))
+    return index, counts[counts > 0]
+
+
+def rotary_positions(grid: tuple[int, int, int], merge: int) -> np.ndarray:
+    """(N, 2) int64 (h, w) patch coordinates in the processor's merge-block order (HF
+    `get_vision_position_ids`): unit by unit in raster order, the m x m patches of a unit inside."""
+    _, gh, gw = grid
+    h, w = np.meshgrid(np.arange(gh, dtype=np.int64), np.arange(gw, dtype=np.int64), indexing="ij")
+    pos = np.stack([h, w], axis=-1).reshape(gh // merge, merge, gw // merge, merge, 2)
+    return pos.transpose(0, 2, 1, 3, 4).reshape(-1, 2)
+
+
+def padded_windows(unit_counts: np.ndarray, unit_size: int) -> dict[str, np.ndarray]:
+    """Window-order patches as a padded [W, L] batch of windows.
+
+    unit_counts: (W,) merge units per window; unit_size: patches per unit (4).
+    Returns win_gather (W, L) int64 indices into the N window-ordered patches (padding slots repeat
+    the window's first patch), win_mask (W, L) bool (True = real patch), and win_scatter (N,) int64:
+    the slot of each patch in the flattened W*L layout.
+    """
+    lengths = unit_counts * unit_size  # (W,) patches per window
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    width = int(lengths.max())
+    offs = np.arange(width, dtype=np.int64)
+    mask = offs[None, :] < lengths[:, None]
+    gather = starts[:, None] + np.where(mask, offs[None, :], 0)
+    window_of = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    scatter = window_of * width + (np.arange(int(lengths.sum()), dtype=np.int64) - starts[window_of])
+    return {"win_gather": gather.astype(np.int64), "win_mask": mask, "win_scatter": scatter}
+
+
+def vision_inputs(image: np.ndarray, cfg: VisionPreprocessConfig
+                  ) -> tuple[dict[str, np.ndarray], np.ndarray, tuple[int, int, int]]:
+    """Everything the vision graph needs for one image, in window order.
+
+    Returns (feeds: pixel_values (N, 3*T*P*P) float32, pos_ids (N, 2) int64, win_gather (W, L) int64,
+             win_mask (W, L) bool, win_scatter (N,) int64  -- the graph's inputs, see specs.VISION;
+             reverse (N/4,) int64: `image_embeds[reverse]` restores raster (LLM token) order;
+             grid (1, gh, gw) in patches).
+    """
+    m = cfg.merge_size
+    resized = resize_for_vision(image, cfg)
+    units = _unit_view(resized, cfg.patch_size, m)  # (uh, uw, m, m, 3, P, P) view
+    uh, uw = units.shape[:2]
+    grid = (1, uh * m, uw * m)
+    index, counts = window_index(grid, m, cfg.window_units)
+    rows, cols = np.divmod(index, uw)
+    feeds = {
+        "pixel_values": _normalise_patches(units[rows, cols], cfg),  # gather units in window order (uint8)
+        "pos_ids": rotary_positions(grid, m).reshape(-1, m * m, 2)[index].reshape(-1, 2),
+        **padded_windows(counts, m * m),
+    }
+    return feeds, np.argsort(index), grid

@@ -1,0 +1,150 @@
+"""IO specs of the exported graphs, declared once and read by export, runtime, engine build and bench.
+
+Each spec names its tensors, dtypes and dynamic dims, the TensorRT min/opt/max profile of every
+dynamic dim, and the parity tolerance its export must meet (with the reason for that number).
+Pure data: importing this module needs nothing beyond the standard library.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: float32, float16, int64, int32, bool
+    shape: tuple  # ints for static dims, strings for dynamic ones (the names key `profiles`)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    # dynamic dim name -> (min, opt, max), for TensorRT optimisation profiles
+    profiles: dict = field(default_factory=dict)
+    atol: float = 1e-4  # max abs diff vs torch the export must meet
+    tolerance_reason: str = ""
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def digest(self) -> str:
+        """Stable hash of the spec, stored in the engine manifest to refuse stale artifacts."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- SAM2 (written by finers_rt.export.onnx_sam2.export_sam2; read by backends/ort_sam2.py) ----
+# Shapes are those of hiera-t/s/b+/l alike: the prompt/mask decoder is 256 wide at every size.
+# P = num_points: box corners (0 or 2) + user points + the padding point the predictor always adds.
+
+SAM2_ENCODER = GraphSpec(
+    name="sam2_encoder",
+    inputs=(TensorSpec("image", "float32", (1, 3, 1024, 1024)),),  # resized + ImageNet-normalised
+    outputs=(
+        TensorSpec("image_embed", "float32", (1, 256, 64, 64)),  # + no_mem_embed, as set_image
+        TensorSpec("high_res_feats_0", "float32", (1, 32, 256, 256)),  # conv_s0(fpn level 0)
+        TensorSpec("high_res_feats_1", "float32", (1, 64, 128, 128)),  # conv_s1(fpn level 1)
+    ),
+    atol=1e-3,
+    tolerance_reason=(
+        "fp32 reassociation in ORT's fused attention/LayerNorm/GELU kernels over the Hiera blocks "
+        "+ FPN: measured <= 4e-6 on random hiera-t weights; real checkpoints (untested here) can have "
+        "larger activations, so keep ~250x headroom; a wrong graph (no no_mem_embed, no conv_s0) is off by >1e-2"
+    ),
+)
+
+SAM2_DECODER = GraphSpec(
+    name="sam2_decoder",
+    inputs=(
+        TensorSpec("image_embed", "float32", (1, 256, 64, 64)),
+        TensorSpec("high_res_feats_0", "float32", (1, 32, 256, 256)),
+        TensorSpec("high_res_feats_1", "float32", (1, 64, 128, 128)),
+        TensorSpec("point_coords", "float32", (1, "num_points", 2)),  # xy in the 1024 input frame
+        TensorSpec("point_labels", "float32", (1, "num_points")),  # 1 fg, 0 bg, 2/3 box, -1 pad
+    ),
+    outputs=(
+        TensorSpec("masks", "float32", (1, 3, 256, 256)),  # low-res logits, multimask head only
+        TensorSpec("iou_predictions", "float32", (1, 3)),
+    ),
+    profiles={"num_points": (1, 4, 16)},  # box + 2 points + pad = 5 in the pipeline
+    atol=1e-3,
+    tolerance_reason=(
+        "fp32 reassociation in the two-way transformer and the hypernetwork matmul: measured <= 7e-7 "
+        "on random weights; mask logits are thresholded at 0 so 1e-3 can only flip pixels whose "
+        "logit is within 1e-3 of 0 (the end-to-end tests check mask IoU)"
+    ),
+)
+
+
+# ---- Qwen2.5-VL text decoder (written by finers_rt.export.onnx_decoder.export_decoder; read by
+# backends/ort_decode.py). Dims: batch B, seq S (new tokens), past P (cached), total = P + S.
+
+def decoder_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int) -> GraphSpec:
+    """The decoder graph of one text config: embeddings + M-RoPE ids + KV cache in, last logits out."""
+    past, present = [], []
+    for i in range(num_layers):
+        for kind in ("key", "value"):
+            past.append(TensorSpec(f"past_{kind}_{i}", "float32", ("batch", kv_heads, "past", head_dim)))
+            present.append(TensorSpec(f"present_{kind}_{i}", "float32", ("batch", kv_heads, "total", head_dim)))
+    return GraphSpec(
+        name="decoder",
+        inputs=(
+            TensorSpec("inputs_embeds", "float32", ("batch", "seq", hidden)),  # image features merged on host
+            TensorSpec("position_ids", "int64", (3, "batch", "seq")),  # (t, h, w) M-RoPE, qwen_rope.py
+            TensorSpec("attention_mask", "int64", ("batch", "total")),  # 1 = token, 0 = padding
+            *past,  # post-RoPE keys / values, [B, KV, P, D]
+        ),
+        outputs=(TensorSpec("logits", "float32", ("batch", vocab)), *present),  # last position only
+        # GSE prefill is ~2,700 tokens (1080p image) and thinks up to 1,024 tokens; opt = one decode step.
+        profiles={"batch": (1, 1, 8), "seq": (1, 1, 4096), "past": (0, 3072, 5120), "total": (1, 3073, 9216)},
+        atol=1e-3,
+        tolerance_reason=(
+            "fp32 reassociation (ORT MatMul/Softmax kernels vs torch SDPA) over every layer and the "
+            "vocab-wide lm_head; measured ~1e-6 on the tiny random checkpoints, real checkpoints "
+            "have logits ~30x larger; a wrong RoPE section, mask or cache order is off by >1e-2"
+        ),
+    )
+
+
+def decoder_spec_from_config(config: dict) -> GraphSpec:
+    """`decoder_spec` of a Qwen2.5-VL config.json (5.x nests the text fields in `text_config`)."""
+    text = {**config, **config.get("text_config", {})}
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    return decoder_spec(text["num_hidden_layers"], text["num_key_value_heads"], head_dim,
+                        text["hidden_size"], text["vocab_size"])
+
+
+# Qwen2.5-VL vision tower with host-computed indices (export: finers_rt.export.onnx_vision,
+# host side: finers_rt.qwen_vision_host.vision_inputs). All tensors in window order; N patches,
+# W windows of at most L patches. 1176 = 3 channels * 2 frames * 14 * 14 pixels per patch row.
+VISION = GraphSpec(
+    name="vision",
+    inputs=(
+        TensorSpec("pixel_values", "float32", ("num_patches", 1176)),  # normalised, window order
+        TensorSpec("pos_ids", "int64", ("num_patches", 2)),  # rotary (h, w) patch coordinates
+        TensorSpec("win_gather", "int64", ("num_windows", "window_len")),  # patch index per window slot
+        TensorSpec("win_mask", "bool", ("num_windows", "window_len")),  # True = real patch, False = padding
+        TensorSpec("win_scatter", "int64", ("num_patches",)),  # slot of each patch in the W*L layout
+    ),
+    # num_tokens = num_patches / 4 (one per 2x2 merge unit), merge-unit window order: the host
+    # restores raster order with `reverse`; out_hidden is the checkpoint's vision out_hidden_size.
+    outputs=(TensorSpec("image_embeds", "float32", ("num_tokens", "out_hidden")),),
+    # The two stage inputs: LPR 512x512 -> 504x504 (1296 patches, 25 windows) and GSE 1920x1080 ->
+    # 1932x1092 (10,764 patches, 180 windows); every window of either holds up to 4x4 units = 64 patches.
+    profiles={"num_patches": (1296, 10764, 10764), "num_windows": (25, 180, 180), "window_len": (64, 64, 64)},
+    atol=1e-4,
+    tolerance_reason=(
+        "fp32 reassociation only (ORT MatMul/Softmax over padded windows vs torch SDPA per window, "
+        "the patch Conv3d as one MatMul, RMSNorm as x/sqrt); measured ~3e-7 on the tiny random "
+        "checkpoints (outputs ~0.2) at 1080p, 504x504 and 336x504; real towers have larger "
+        "activations, hence the margin; a wrong window order, rotary layout or mask is off by >1e-2"
+    ),
+)
