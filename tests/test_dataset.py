@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from finers_rt.dataset import DatasetError, Sample, load_annotations
-from finers_rt.prompts import format_options
 from finers_rt.metrics import polygon_mask, size_bucket
+from finers_rt.prompts import format_options
 from finers_rt.synth import make_synth
 
 N_SYNTH = 9
