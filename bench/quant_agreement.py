@@ -40,16 +40,16 @@ def _engines(ckpt: Path, out: Path, precision: str) -> Path:
     return out
 
 
-def _run(pipe: Pipeline, pairs: int, tokens: int) -> dict:
-    out = {}
+def _run(pipes: dict[str, Pipeline], pairs: int, tokens: int) -> dict:
+    """{precision: {stage: [(token ids, decode ms/token)]}}; precisions alternate pair by pair so
+    that machine load hits them alike."""
+    out = {p: {"gse": [], "lpr": []} for p in pipes}
     for stage, size in (("gse", (1920, 1080)), ("lpr", (512, 512))):
-        gen = getattr(pipe, stage).generator
-        runs = []
         for i in range(pairs):
-            g = gen.generate(_image(100 + i, *size), f"Please find '{QUESTIONS[i % len(QUESTIONS)]}'.",
-                             max_new_tokens=tokens)
-            runs.append((g.token_ids, g.timings_ms["decode"] / max(len(g.token_ids) - 1, 1)))
-        out[stage] = runs
+            img, q = _image(100 + i, *size), f"Please find '{QUESTIONS[i % len(QUESTIONS)]}'."
+            for prec, pipe in pipes.items():
+                g = getattr(pipe, stage).generator.generate(img, q, max_new_tokens=tokens)
+                out[prec][stage].append((g.token_ids, g.timings_ms["decode"] / max(len(g.token_ids) - 1, 1)))
     return out
 
 
@@ -66,11 +66,9 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args(argv)
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    results = {}
-    for prec in ("fp32", "int8", "int4"):
-        pipe = Pipeline.from_engines(_engines(args.checkpoints, args.work / prec, prec))
-        _run(pipe, 1, 4)  # warm-up
-        results[prec] = _run(pipe, args.pairs, args.tokens)
+    pipes = {p: Pipeline.from_engines(_engines(args.checkpoints, args.work / p, p)) for p in ("fp32", "int8", "int4")}
+    _run(pipes, 1, 4)  # warm-up
+    results = _run(pipes, args.pairs, args.tokens)
     for prec, stages in results.items():
         row = {"precision": prec, "pairs_per_stage": args.pairs, "new_tokens": args.tokens, "git": sha,
                "onnxruntime": metadata.version("onnxruntime"), "cpu": platform.processor() or platform.machine()}
