@@ -254,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-output-from-gt", action="store_true",
                    help="script each stage's text from the annotation (checks the chain with random weights)")
 
+    from .bench import add_bench_parser
+    from .plan import add_plan_parser
+
+    add_bench_parser(sub)
+    add_plan_parser(sub)
+
     p = sub.add_parser("demo", help="tiny checkpoints + synthetic data + one run (random weights)")
     _add_pipeline_args(p, need_checkpoints=False)
     p.add_argument("--workdir", default="demo-out")
@@ -277,6 +283,8 @@ def main(argv=None) -> int:
             cmd_eval(args=args)
         elif args.command == "demo":
             cmd_demo(args=args)
+        else:  # subcommands registered by their own modules (bench, plan, serve, query)
+            args.func(args)
     except (ValueError, OSError, ImportError, RuntimeError) as e:
         log.debug("traceback", exc_info=True)
         print(f"finers-rt {args.command}: error: {e}", file=sys.stderr)
