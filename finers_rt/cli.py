@@ -255,10 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="script each stage's text from the annotation (checks the chain with random weights)")
 
     from .bench import add_bench_parser
+    from .client import add_query_parser
     from .plan import add_plan_parser
+    from .serve import add_serve_parser
 
     add_bench_parser(sub)
     add_plan_parser(sub)
+    add_serve_parser(sub)
+    add_query_parser(sub)
 
     p = sub.add_parser("demo", help="tiny checkpoints + synthetic data + one run (random weights)")
     _add_pipeline_args(p, need_checkpoints=False)

@@ -35,6 +35,9 @@ def load_image(image) -> np.ndarray:
             raise ImageLoadError(f"image file not found: {name}")
     try:
         with Image.open(source) as im:
+            if im.width * im.height > Image.MAX_IMAGE_PIXELS:  # PIL only warns below 2x its limit
+                raise ImageLoadError(
+                    f"{name}: image too large ({im.width}x{im.height} px, limit {Image.MAX_IMAGE_PIXELS} px)")
             return _to_rgb(im)
     except Image.DecompressionBombError as e:
         raise ImageLoadError(f"{name}: image too large ({e})") from None
@@ -44,6 +47,8 @@ def load_image(image) -> np.ndarray:
 
 def _to_rgb(im: Image.Image) -> np.ndarray:
     im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16"):  # 16-bit gray: keep the top 8 bits (PIL's convert clips at 255)
+        im = Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
     if im.mode != "RGB":
         im = im.convert("RGB")
     arr = np.asarray(im, dtype=np.uint8)

@@ -35,9 +35,8 @@ def test_fp16_conversion_keeps_fp32_io(tiny_engines, tmp_path):
     import shutil
 
     import numpy as np
-    from onnx import numpy_helper
-
     from finers_rt.export.quantize import to_fp16
+    from onnx import numpy_helper
 
     path = tmp_path / "sam2_decoder.onnx"
     shutil.copy(tiny_engines / "sam2" / "sam2_decoder.onnx", path)

@@ -1,0 +1,663 @@
+"""`finers-rt serve`: the pipeline behind HTTP. POST /v1/segment, GET /healthz, GET /metrics.
+
+One pipeline, one worker thread: the pipeline is not thread-safe, so every `Pipeline.run` happens
+on a single executor thread and requests wait in a bounded asyncio queue in front of it (full ->
+429). Bad input is refused before it reaches the queue, as `{"error": code, "detail": message}`
+with a 4xx. FastAPI and uvicorn are imported only when serving, so the rest of `finers-rt` works
+without the [serve] extra.
+"""
+# No `from __future__ import annotations`: FastAPI reads the route signatures at runtime, and
+# `Request` is imported inside create_app (lazily), where string annotations would not resolve.
+import argparse
+import asyncio
+import base64
+import functools
+import io
+import json
+import logging
+import math
+import signal
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .config import TASKS
+from .image import ImageLoadError, load_image
+from .prompts import build_question
+from .result import TIMING_KEYS
+
+log = logging.getLogger(__name__)
+
+FORM_FIELDS = ("image", "image_path", "question", "task", "options", "return", "request_id", "force_output")
+RETURNS = ("rle", "mask_png", "none")
+MAX_QUESTION_CHARS = 4096  # FineRS questions are one sentence; longer is a mistake or an attack
+MAX_FIELD_BYTES = 64 * 1024  # any form field but `image`
+MAX_REQUEST_ID = 128
+# Warm-up: every stage runs (forced texts give GSE and LPR a box, so region, LPR and SAM2 run too).
+WARMUP_FORCE = {
+    "gse": "<answer>{'bbox': [832,412,1088,668], 'response': 'The object is found.'}</answer>",
+    "lpr": "<answer>{'bbox': [200,200,300,300], 'points_1': [240,240], 'points_2': [260,260]}</answer>",
+}
+STAGE_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+_FORM_SCHEMA = {
+    "type": "object",
+    "required": ["question"],
+    "properties": {
+        "image": {"type": "string", "format": "binary", "description": "the image file (or image_path)"},
+        "image_path": {"type": "string", "description": "a path under the server's --image-root"},
+        "question": {"type": "string", "maxLength": MAX_QUESTION_CHARS},
+        "task": {"type": "string", "enum": list(TASKS), "default": "referring"},
+        "options": {"type": "string", "description": "task 'option' only, e.g. \"['A. red', 'B. blue']\""},
+        "return": {"type": "string", "enum": list(RETURNS), "default": "rle",
+                   "description": "rle: COCO uncompressed RLE (column-major); mask_png: base64 PNG"},
+        "request_id": {"type": "string", "maxLength": MAX_REQUEST_ID, "description": "echoed; made if absent"},
+        "force_output": {"type": "string", "description": 'JSON {"gse": text, "lpr": text}; only on servers '
+                                                          "started with --force-output-from-request (testing)"},
+    },
+}
+
+
+class ApiError(Exception):
+    """A request that gets a non-200 answer: `{"error": code, "detail": detail}` with `status`."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
+
+    def response(self, request_id: str | None = None):
+        from fastapi.responses import JSONResponse
+
+        body = {"error": self.code, "detail": self.detail}
+        headers = dict(self.headers)
+        if request_id:
+            body["request_id"] = headers["X-Request-ID"] = request_id
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+# ---------------------------------------------------------------- request parsing
+
+
+class _Parts:
+    """python-multipart callbacks collecting {field name: raw bytes}; limits checked as bytes arrive."""
+
+    def __init__(self, max_image_bytes: int):
+        self.fields: dict[str, bytes] = {}
+        self._max_image = max_image_bytes
+        self._name, self._data, self._hname, self._hvalue, self._disposition = "", bytearray(), b"", b"", b""
+
+    def callbacks(self) -> dict:
+        return {"on_part_begin": self._begin, "on_header_field": self._header_field,
+                "on_header_value": self._header_value, "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
+                "on_part_end": self._part_end}
+
+    def _begin(self):
+        self._name, self._data, self._disposition = "", bytearray(), b""
+
+    def _header_field(self, data, start, end):
+        self._hname += data[start:end]
+
+    def _header_value(self, data, start, end):
+        self._hvalue += data[start:end]
+
+    def _header_end(self):
+        if self._hname.lower() == b"content-disposition":
+            self._disposition = self._hvalue
+        self._hname, self._hvalue = b"", b""
+
+    def _headers_finished(self):
+        from python_multipart.multipart import parse_options_header
+
+        name = parse_options_header(self._disposition)[1].get(b"name")
+        if name is None:
+            raise ApiError(400, "malformed_multipart", "a form part has no Content-Disposition name")
+        self._name = name.decode("utf-8", "replace")
+        if self._name in self.fields:
+            raise ApiError(400, "duplicate_field", f"form field {self._name!r} is sent twice")
+        if len(self.fields) >= len(FORM_FIELDS):
+            raise ApiError(400, "too_many_fields", f"more than {len(FORM_FIELDS)} form fields")
+
+    def _part_data(self, data, start, end):
+        self._data += data[start:end]
+        limit = self._max_image if self._name == "image" else MAX_FIELD_BYTES
+        if len(self._data) > limit:
+            what = "image" if self._name == "image" else f"form field {self._name!r}"
+            raise ApiError(413, "too_large", f"{what} is larger than the server's limit of {limit} bytes")
+
+    def _part_end(self):
+        self.fields[self._name] = bytes(self._data)
+
+
+async def read_form(request, max_image_bytes: int) -> dict[str, bytes]:
+    """multipart/form-data body -> {name: bytes}, streamed; never more than the limits in memory."""
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    ctype, params = parse_options_header(request.headers.get("content-type", ""))
+    if ctype != b"multipart/form-data" or b"boundary" not in params:
+        raise ApiError(415, "unsupported_media_type", f"send multipart/form-data, not {ctype.decode() or 'nothing'}")
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > max_image_bytes + len(FORM_FIELDS) * MAX_FIELD_BYTES:
+        raise ApiError(413, "too_large", f"request body is {declared} bytes; the image limit is {max_image_bytes}")
+    parts = _Parts(max_image_bytes)
+    parser = MultipartParser(params[b"boundary"], parts.callbacks())
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except FormParserError as e:
+        raise ApiError(400, "malformed_multipart", f"cannot parse the multipart body ({e})") from None
+    return parts.fields
+
+
+@dataclass
+class SegmentRequest:
+    """A validated /v1/segment request. Exactly one of `image` (bytes) and `image_path` is set."""
+
+    request_id: str
+    question: str
+    task: str = "referring"
+    options: str | None = None
+    return_: str = "rle"
+    image: bytes | None = None
+    image_path: str | None = None
+    force_output: dict[str, str] | None = None
+
+
+def parse_fields(raw: dict[str, bytes], *, allow_forced: bool, request_id: str) -> SegmentRequest:
+    """Form fields -> SegmentRequest, or ApiError naming the first problem found."""
+    unknown = sorted(set(raw) - set(FORM_FIELDS))
+    if unknown:
+        raise ApiError(422, "unknown_field", f"unknown form field(s) {unknown}; allowed: {list(FORM_FIELDS)}")
+    text = {k: _utf8(k, v) for k, v in raw.items() if k != "image"}
+    text = {k: v for k, v in text.items() if v != "" or k == "question"}  # empty optional = absent
+    req = SegmentRequest(request_id=_request_id(text.get("request_id"), request_id),
+                         question=_question(text.get("question")), task=text.get("task", "referring"),
+                         options=text.get("options"), return_=text.get("return", "rle"),
+                         image=raw.get("image"), image_path=text.get("image_path"))
+    if (req.image is None) == (req.image_path is None):
+        raise ApiError(400, "image_required", "send exactly one of 'image' (a file) and 'image_path'")
+    if req.task not in TASKS:
+        raise ApiError(422, "invalid_task", f"task must be one of {list(TASKS)}, got {req.task!r}")
+    try:
+        build_question("gse", req.task, req.question, req.options)  # the pipeline's own option rules
+    except ValueError as e:
+        raise ApiError(422, "invalid_options", str(e)) from None
+    if req.return_ not in RETURNS:
+        raise ApiError(422, "invalid_return", f"return must be one of {list(RETURNS)}, got {req.return_!r}")
+    if "force_output" in text:
+        req.force_output = _force_output(text["force_output"], allow_forced)
+    return req
+
+
+def _utf8(name: str, value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, "invalid_utf8", f"form field {name!r} is not valid UTF-8 "
+                                            f"(byte 0x{value[e.start]:02x} at offset {e.start})") from None
+
+
+def _request_id(given: str | None, default: str) -> str:
+    if given is None:
+        return default
+    if len(given) > MAX_REQUEST_ID or not given.isprintable() or not given.isascii():
+        raise ApiError(422, "invalid_request_id", f"request_id must be printable ASCII, at most {MAX_REQUEST_ID} chars")
+    return given
+
+
+def _question(q: str | None) -> str:
+    if q is None:
+        raise ApiError(422, "missing_question", "form field 'question' is required")
+    if not q.strip():
+        raise ApiError(422, "empty_question", "the question is empty")
+    if len(q) > MAX_QUESTION_CHARS:
+        raise ApiError(422, "question_too_long", f"the question is {len(q)} characters; the limit is {MAX_QUESTION_CHARS}")
+    return q
+
+
+def _force_output(text: str, allowed: bool) -> dict[str, str]:
+    if not allowed:
+        raise ApiError(422, "force_output_disabled",
+                       "force_output is a testing switch; this server was not started with --force-output-from-request")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or set(data) - {"gse", "lpr"} or not all(isinstance(v, str) for v in data.values()):
+        raise ApiError(422, "invalid_force_output", 'force_output must be JSON {"gse": "<text>", "lpr": "<text>"}')
+    return data
+
+
+# ---------------------------------------------------------------- image and mask
+
+
+def read_under_root(root: Path | None, rel: str, max_bytes: int) -> bytes:
+    """The bytes of `rel` resolved under `root` (symlinks followed); refused if it leaves the root."""
+    if root is None:
+        raise ApiError(400, "image_path_disabled", "image_path needs a server started with --image-root; upload 'image'")
+    try:
+        path = (root / rel).resolve()
+        inside = path.is_relative_to(root)
+        size = path.stat().st_size if inside and path.is_file() else None
+    except (OSError, ValueError):  # embedded NUL, too long, permission
+        inside, size = False, None
+    if not inside:
+        raise ApiError(400, "image_path_refused", f"image_path {rel!r} resolves outside the image root")
+    if size is None:
+        raise ApiError(400, "image_not_found", f"image_path {rel!r} is not a file under the image root")
+    if size > max_bytes:
+        raise ApiError(413, "too_large", f"image_path {rel!r} is {size} bytes; the limit is {max_bytes}")
+    return path.read_bytes()
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """Untrusted bytes -> (H, W, 3) uint8 RGB via `load_image`; the size is checked from the header
+    first (PIL only warns between 1x and 2x its pixel limit, so a 1.9x bomb would be decoded)."""
+    if not data:
+        raise ApiError(400, "empty_image", f"{name} is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            w, h = im.size
+    except Image.DecompressionBombError as e:
+        raise ApiError(413, "image_too_large", f"{name}: image too large ({e})") from None
+    except UnidentifiedImageError:  # PIL's message would show a BytesIO repr
+        raise ApiError(415, "undecodable_image", f"{name}: cannot decode image (not a known image format)") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure on untrusted bytes is the input's fault
+        raise ApiError(415, "undecodable_image", f"{name}: cannot decode image ({e})") from None
+    if w * h > Image.MAX_IMAGE_PIXELS:
+        raise ApiError(413, "image_too_large", f"{name}: image too large ({w}x{h} px; the limit is "
+                                               f"{Image.MAX_IMAGE_PIXELS} px)")
+    try:
+        return load_image(data)
+    except ImageLoadError as e:
+        raise ApiError(415, "undecodable_image", str(e).replace("<bytes>", name)) from None
+    except Exception as e:  # noqa: BLE001 - as above (e.g. struct.error from a broken EXIF block)
+        raise ApiError(415, "undecodable_image", f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """(H, W) bool -> COCO uncompressed RLE: runs over the column-major pixels, zeros first."""
+    flat = mask.ravel(order="F").astype(np.int8)
+    edges = np.flatnonzero(np.diff(flat)) + 1  # first index of every run after the first
+    counts = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    if flat.size and flat[0]:
+        counts = [0] + counts  # COCO counts always start with a (possibly empty) zero run
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
+
+
+def encode_mask(mask: np.ndarray, how: str):
+    if how == "rle":
+        return rle_encode(mask)
+    if how == "mask_png":  # 8-bit 0/255 as `finers-rt run` writes mask.png
+        buf = io.BytesIO()
+        Image.fromarray(mask.astype(np.uint8) * 255).save(buf, "PNG")
+        return {"png_base64": base64.b64encode(buf.getvalue()).decode("ascii")}
+    return None
+
+
+def response_body(res, req: SegmentRequest) -> dict:
+    body = res.to_dict()
+    body.update(request_id=req.request_id, mask_format=req.return_, mask=encode_mask(res.mask, req.return_))
+    return body
+
+
+# ---------------------------------------------------------------- worker and metrics
+
+
+class Metrics:
+    """Counters, gauges and per-stage histograms, written as Prometheus text by hand."""
+
+    def __init__(self):
+        self.requests: dict[tuple[str, int], int] = {}  # (outcome, HTTP status) -> count
+        self.stages: dict[str, list] = {}  # stage -> [bucket counts (non-cumulative), sum s, count]
+
+    def count(self, outcome: str, status: int) -> None:
+        self.requests[outcome, status] = self.requests.get((outcome, status), 0) + 1
+
+    def observe(self, timings_ms: dict[str, float]) -> None:
+        for stage, ms in timings_ms.items():
+            h = self.stages.setdefault(stage, [[0] * len(STAGE_BUCKETS_S), 0.0, 0])
+            i = next((i for i, le in enumerate(STAGE_BUCKETS_S) if ms / 1e3 <= le), None)
+            if i is not None:
+                h[0][i] += 1
+            h[1] += ms / 1e3
+            h[2] += 1
+
+    def mean_total_s(self) -> float:
+        h = self.stages.get("total")
+        return h[1] / h[2] if h and h[2] else 1.0
+
+    def render(self, gauges: dict[str, tuple[str, float]]) -> str:
+        out = ["# HELP finers_requests_total /v1/segment answers by outcome (error code or ok) and status.",
+               "# TYPE finers_requests_total counter"]
+        for (outcome, status), n in sorted(self.requests.items()):
+            out.append(f'finers_requests_total{{outcome="{outcome}",status="{status}"}} {n}')
+        for name, (help_, value) in gauges.items():
+            out += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value}"]
+        out += ["# HELP finers_stage_seconds Pipeline stage latency (Result.timings_ms), seconds.",
+                "# TYPE finers_stage_seconds histogram"]
+        for stage in sorted(self.stages, key=lambda s: TIMING_KEYS.index(s) if s in TIMING_KEYS else 99):
+            buckets, total, n = self.stages[stage]
+            cum = np.cumsum(buckets).tolist()
+            out += [f'finers_stage_seconds_bucket{{stage="{stage}",le="{le}"}} {c}' for le, c in zip(STAGE_BUCKETS_S, cum)]
+            out += [f'finers_stage_seconds_bucket{{stage="{stage}",le="+Inf"}} {n}',
+                    f'finers_stage_seconds_sum{{stage="{stage}"}} {total:.6f}',
+                    f'finers_stage_seconds_count{{stage="{stage}"}} {n}']
+        return "\n".join(out) + "\n"
+
+
+class Worker:
+    """Runs pipeline calls one at a time on one thread. `max_queue` calls may wait behind the running
+    one; a call whose future was cancelled (its request timed out) while waiting is skipped."""
+
+    def __init__(self, max_queue: int, metrics: Metrics):
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=max_queue)  # (call, future, record)
+        self.busy = False
+        self._metrics = metrics
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finers-pipeline")
+        self._task = asyncio.create_task(self._consume())
+
+    def submit(self, call, *, record: bool = True) -> asyncio.Future:
+        """Queue `call()` (raises asyncio.QueueFull); the future gets its result or exception."""
+        fut = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((call, fut, record))
+        return fut
+
+    async def _consume(self):
+        while True:
+            call, fut, record = await self.queue.get()
+            try:
+                if not fut.cancelled():
+                    await self._run(call, fut, record)
+            finally:
+                self.queue.task_done()
+
+    async def _run(self, call, fut: asyncio.Future, record: bool):
+        self.busy = True
+        try:
+            res = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except Exception as e:  # noqa: BLE001 - handed to the waiting request
+            if not fut.done():
+                fut.set_exception(e)
+        else:
+            if record:
+                self._metrics.observe(res.timings_ms)
+            if not fut.done():  # a timed-out request's result is discarded
+                fut.set_result(res)
+        finally:
+            self.busy = False
+
+    async def close(self):
+        """Finish every accepted call (timed-out running ones too), then stop the thread."""
+        await self.queue.join()
+        self._task.cancel()
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+
+# ---------------------------------------------------------------- the service
+
+
+class Service:
+    """State shared by the routes: the pipeline, its worker, metrics, readiness and draining."""
+
+    def __init__(self, pipeline, *, max_queue: int, max_image_mb: float, timeout_s: float,
+                 image_root: str | Path | None, allow_forced: bool):
+        if max_queue < 1 or max_image_mb <= 0 or timeout_s <= 0:
+            raise ValueError("max_queue must be >= 1, max_image_mb and timeout_s > 0")
+        self.pipeline, self.max_queue, self.timeout_s = pipeline, max_queue, timeout_s
+        self.max_image_bytes = int(max_image_mb * 2**20)
+        self.image_root = Path(image_root).resolve() if image_root is not None else None
+        self.allow_forced = allow_forced
+        self.metrics = Metrics()
+        self.state = "starting"  # starting -> warming_up -> ready | failed
+        self.state_detail = "the service is starting"
+        self.draining = False  # set on SIGTERM: new requests get 503
+        self.worker: Worker | None = None
+
+    async def start(self):
+        """Start the worker and queue the warm-up run (the routes need the running loop for both)."""
+        self.worker = Worker(self.max_queue, self.metrics)
+        self._decode_slots = asyncio.Semaphore(2)  # bounds decoded images held before queueing
+        self.state, self.state_detail = "warming_up", "the pipeline is warming up"
+        self._warmup = asyncio.create_task(self._warm_up())
+
+    async def _warm_up(self):
+        image = np.full((256, 256, 3), 128, dtype=np.uint8)
+        call = functools.partial(self.pipeline.run, image, "warm-up", force_output=WARMUP_FORCE)
+        try:
+            await self.worker.submit(call, record=False)
+        except Exception as e:  # reported by /healthz
+            log.exception("warm-up failed")
+            self.state, self.state_detail = "failed", f"warm-up failed: {type(e).__name__}: {e}"
+        else:
+            self.state, self.state_detail = "ready", "ready"
+            log.info("pipeline warmed up; ready")
+
+    async def stop(self):
+        self.draining = True
+        await self.worker.close()
+
+    def _check_accepting(self):
+        if self.draining:
+            raise ApiError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"})
+        if self.state != "ready":
+            raise ApiError(503, "not_ready", self.state_detail, {"Retry-After": "5"})
+
+    def _queue_full(self) -> ApiError:
+        wait = math.ceil(self.metrics.mean_total_s() * (self.worker.queue.qsize() + 1))
+        return ApiError(429, "queue_full", f"{self.worker.queue.qsize()} requests are already waiting "
+                                           f"(--max-queue {self.max_queue})", {"Retry-After": str(max(wait, 1))})
+
+    async def segment(self, request):
+        from fastapi.responses import JSONResponse
+        from starlette.concurrency import run_in_threadpool
+
+        deadline = time.monotonic() + self.timeout_s
+        rid = uuid.uuid4().hex
+        try:
+            self._check_accepting()
+            fields = await read_form(request, self.max_image_bytes)
+            req = parse_fields(fields, allow_forced=self.allow_forced, request_id=rid)
+            rid = req.request_id
+            res = await self._run(req, deadline)
+            resp = JSONResponse(await run_in_threadpool(response_body, res, req), headers={"X-Request-ID": rid})
+            outcome = "ok"
+        except ApiError as e:
+            resp, outcome = e.response(rid), e.code
+        except Exception as e:  # a bug, not bad input: log it, answer 500 in our format
+            log.exception("request %s failed", rid)
+            err = ApiError(500, "internal_error", f"{type(e).__name__} in the server; see its log for request {rid}")
+            resp, outcome = err.response(rid), err.code
+        self.metrics.count(outcome, resp.status_code)
+        log.info("request %s: %d %s", rid, resp.status_code, outcome)
+        return resp
+
+    async def _run(self, req: SegmentRequest, deadline: float):
+        from starlette.concurrency import run_in_threadpool
+
+        if self.worker.queue.full():  # refuse before decoding anything
+            raise self._queue_full()
+        async with self._decode_slots:
+            image = await run_in_threadpool(self._load, req)
+        call = functools.partial(self.pipeline.run, image, req.question, task=req.task, options=req.options,
+                                 force_output=req.force_output)
+        try:
+            fut = self.worker.submit(call)
+        except asyncio.QueueFull:
+            raise self._queue_full() from None
+        try:
+            return await asyncio.wait_for(fut, max(deadline - time.monotonic(), 0.0))
+        except asyncio.TimeoutError:  # TimeoutError on 3.11+, a separate class on 3.10
+            raise ApiError(504, "timeout", f"no result within {self.timeout_s:g} s (queue wait included); "
+                                           "the request was dropped") from None
+        except ImageLoadError as e:
+            raise ApiError(415, "undecodable_image", str(e)) from None
+        except ValueError as e:  # the pipeline's own input checks
+            raise ApiError(422, "invalid_request", str(e)) from None
+
+    def _load(self, req: SegmentRequest) -> np.ndarray:
+        if req.image is not None:
+            return decode_image(req.image, "image")
+        data = read_under_root(self.image_root, req.image_path, self.max_image_bytes)
+        return decode_image(data, f"image_path {req.image_path!r}")
+
+    def healthz(self) -> tuple[int, dict]:
+        if self.draining:
+            return 503, {"error": "shutting_down", "detail": "the server is shutting down"}
+        if self.state != "ready":
+            return 503, {"error": "not_ready", "detail": self.state_detail}
+        return 200, {"status": "ready", "backend": getattr(self.pipeline, "backend", ""),
+                     "precision": getattr(self.pipeline, "precision", "")}
+
+    def metrics_text(self) -> str:
+        w = self.worker
+        return self.metrics.render({
+            "finers_queue_depth": ("Requests waiting for the pipeline worker.", w.queue.qsize() if w else 0),
+            "finers_worker_busy": ("Whether the worker thread is running the pipeline (0/1).", int(bool(w and w.busy))),
+            "finers_ready": ("Whether the pipeline is loaded and warmed up (0/1).", int(self.state == "ready")),
+            "finers_draining": ("Whether SIGTERM was received and new requests are refused (0/1).", int(self.draining)),
+        })
+
+
+def create_app(pipeline, *, max_queue: int, max_image_mb: float, timeout_s: float,
+               image_root: str | Path | None = None, allow_forced: bool = False):
+    """The FastAPI app serving `pipeline` (anything with `Pipeline.run`'s signature returning a Result).
+
+    The worker starts and the warm-up run is queued at app startup; /healthz is 503 until it is done.
+    """
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from starlette.exceptions import HTTPException
+
+    from . import __version__
+
+    service = Service(pipeline, max_queue=max_queue, max_image_mb=max_image_mb, timeout_s=timeout_s,
+                      image_root=image_root, allow_forced=allow_forced)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await service.start()
+        yield
+        await service.stop()
+
+    app = FastAPI(title="finers-rt", version=__version__, lifespan=lifespan,
+                  description="FineRS segmentation (GSE -> region -> LPR -> SAM2) over HTTP.")
+    app.state.service = service
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):  # unknown routes and methods, in the same JSON shape
+        return ApiError(exc.status_code, "http_error", str(exc.detail)).response()
+
+    @app.post("/v1/segment", summary="Segment what the question refers to",
+              openapi_extra={"requestBody": {"required": True,
+                                             "content": {"multipart/form-data": {"schema": _FORM_SCHEMA}}}})
+    async def segment(request: Request):
+        """Result.to_dict() + `mask` (as `return` asks) + `request_id`; errors are {"error", "detail"}."""
+        return await service.segment(request)
+
+    @app.get("/healthz", summary="200 once the pipeline is loaded and warmed up")
+    async def healthz():
+        status, body = service.healthz()
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/metrics", summary="Prometheus text format", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(service.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+# ---------------------------------------------------------------- running it
+
+
+def run_server(app, *, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
+    """Serve `app` until SIGTERM/SIGINT, then drain: new requests get 503 (the listening socket is
+    closed), accepted ones finish, the worker stops; returns normally (exit status 0)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on"))
+    uvicorn_exit = server.handle_exit
+
+    def handle_exit(sig, frame):
+        app.state.service.draining = True
+        uvicorn_exit(sig, frame)
+
+    server.handle_exit = handle_exit  # uvicorn installs `server.handle_exit` as the signal handler
+    with _signals_ignored_afterwards():
+        server.run()
+    if not server.started:
+        raise OSError(f"the server did not start on {host}:{port} (see the log above)")
+
+
+@contextmanager
+def _signals_ignored_afterwards():
+    """uvicorn re-raises a captured SIGTERM/SIGINT after its graceful shutdown, which would kill the
+    process with that signal; with SIG_IGN as the handler it restores, the drained process exits 0."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_serve_parser(sub) -> argparse.ArgumentParser:
+    """Register `finers-rt serve` on the CLI's subparsers; the handler is `args.func(args)`."""
+    from .cli import _add_pipeline_args
+
+    p = sub.add_parser("serve", help="HTTP service: POST /v1/segment, GET /healthz, GET /metrics")
+    _add_pipeline_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--max-queue", type=_positive_int, default=8,
+                   help="requests that may wait behind the running one; more get 429 (default 8)")
+    p.add_argument("--max-image-mb", type=float, default=20.0, help="largest accepted image file (default 20)")
+    p.add_argument("--timeout-s", type=float, default=120.0,
+                   help="per request, queue wait included; later gets 504 (default 120)")
+    p.add_argument("--image-root", type=Path, default=None,
+                   help="allow `image_path` form fields, resolved under this folder")
+    p.add_argument("--force-output-from-request", action="store_true",
+                   help="TESTING ONLY: accept a `force_output` form field scripting the stage texts")
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def cmd_serve(args) -> None:
+    """Load the pipeline (as `finers-rt run` does), then serve it until SIGTERM."""
+    from .cli import _load_pipeline
+
+    try:
+        import fastapi  # noqa: F401
+        import python_multipart  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"`finers-rt serve` needs the serve extra: pip install 'finers-rt[serve]' ({e})") from None
+    pipeline = _load_pipeline(args)
+    if args.force_output_from_request:
+        log.warning("--force-output-from-request: clients may script the stage texts (testing only)")
+    app = create_app(pipeline, max_queue=args.max_queue, max_image_mb=args.max_image_mb, timeout_s=args.timeout_s,
+                     image_root=args.image_root, allow_forced=args.force_output_from_request)
+    try:
+        level = "debug" if getattr(args, "verbose", False) else "info"
+        run_server(app, host=args.host, port=args.port, log_level=level)
+    finally:
+        pipeline.close()
