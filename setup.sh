@@ -10,5 +10,5 @@ PYTHON=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip 'setuptools>=68' wheel
 python -m pip install -q torch==2.14.1 torchvision==0.29.1
-SAM2_BUILD_CUDA=0 python -m pip install -q --no-build-isolation -e '.[export,eval,serve,dev]'
+SAM2_BUILD_CUDA=0 python -m pip install -q --no-build-isolation -e '.[export,eval,serve,ray,dev]'
 python -c "import finers_rt, torch, transformers, sam2, onnxruntime; print('finers-rt env ready:', 'torch', torch.__version__, 'transformers', transformers.__version__)"

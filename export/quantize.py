@@ -92,14 +92,16 @@ def compare_with_fp32(fp32_path: Path, quant_path: Path, embed_path: Path, *, ne
     return {"greedy_agreement": same / len(a), "new_tokens": len(a)}
 
 
-def to_fp16(path: Path) -> None:
-    """Convert a graph's weights and compute to fp16 in place, keeping fp32 inputs/outputs.
+def to_fp16(path: Path, dst: Path | None = None) -> None:
+    """Convert a graph's weights and compute to fp16 in place (or into `dst`), keeping fp32
+    inputs/outputs.
 
     For the CUDA / TensorRT execution providers only (ONNX Runtime's CPU provider lacks fp16
-    kernels for most ops); the runtime refuses to load an fp16 engine folder on the CPU.
+    kernels for most ops); the runtime refuses to load an fp16 engine folder on the CPU. `dst`
+    lets TensorRT 11 builds convert a copy (external weights are read beside `path`).
     """
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(path))
-    onnx.save_model(convert_float_to_float16(model, keep_io_types=True), str(path))
+    onnx.save_model(convert_float_to_float16(model, keep_io_types=True), str(dst or path))

@@ -1,7 +1,8 @@
 """`finers-rt bench`: per-stage latency of the real pipeline in forced-output mode, one JSON row
 per configuration.
 
-Every run is `Pipeline.run` on a synthetic 3840x2160 frame with scripted stage texts of exactly
+Every run is `Pipeline.run` on a synthetic 3840x2160 frame, passed as JPEG bytes (quality 95) so
+`preprocess` includes the decode a deployment pays, with scripted stage texts of exactly
 the requested generated-token counts (`finers_rt.bench_script`; counts include the <|im_end|>
 step), so random-weight checkpoints do the full work: both VLM stages decode N tokens, the
 region is cut, LPR's box and points prompt SAM2. Nothing here re-implements a stage.
@@ -33,8 +34,8 @@ from .bench_script import (
     FRAME_SIZE,
     QUESTION,
     count_tokens,
+    frame_jpeg,
     stage_scripts,
-    synthetic_frame,
 )
 from .config import PRESETS
 from .cost import GSE_SIZE, LPR_SIZE, PRECISIONS, StageWork, VLMConfig
@@ -157,10 +158,10 @@ def bench(*, configs: list[BenchConfig], runs: int = 3, warmup: int = 1, decode_
     want = {"gse": decode_tokens[0], "lpr": decode_tokens[1]}
     scripts = {c.label: stage_scripts({s: c.path / s for s in want}, want) for c in configs}  # fails fast
     pipes = {c.label: c.load(pipeline_config(decode_tokens)) for c in configs}
-    results = run_all(pipes, synthetic_frame(FRAME_SIZE), scripts, want, runs, warmup)
+    results = run_all(pipes, frame_jpeg(FRAME_SIZE), scripts, want, runs, warmup)
     common = {"schema": SCHEMA, "runs": runs, "warmup": warmup, "decode_tokens": want,
               "token_count": "generated tokens incl. the <|im_end|> step; decode steps = tokens - 1",
-              "forced_output": True, "frame": list(FRAME_SIZE), "question": QUESTION, "task": "referring",
+              "forced_output": True, "frame": list(FRAME_SIZE), "frame_format": "jpeg q95", "question": QUESTION, "task": "referring",
               "order": "ABBA" if len(configs) > 1 else "single", "floor_device": floor_device,
               "peak_rss_mib": peak_rss_mib(), "peak_rss_scope": "process (all configurations loaded in it)",
               "versions": versions(), "hardware": hardware(), **git_state(), "timestamp": timestamp()}
@@ -226,7 +227,7 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engines-b", type=Path, default=None, help="second engine folder: --compare ort A vs ort B")
     p.add_argument("--backend", choices=["torch", "ort"], default=None,
                    help="default: ort with --engines, torch with --checkpoints")
-    p.add_argument("--device", default="cpu", help="ort: cpu | cuda | tensorrt; torch: cpu, cuda, ...")
+    p.add_argument("--device", default="cpu", help="ort: cpu | cuda | tensorrt | trt (TensorRT engines from `finers-rt build`); torch: cpu, cuda, ...")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="torch backend dtype")
     p.add_argument("--runs", type=int, default=3, help="timed runs per configuration")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration first")

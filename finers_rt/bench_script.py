@@ -12,6 +12,7 @@ token) until the whole text tokenises to exactly N - 1 tokens.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,13 @@ def synthetic_frame(size: tuple[int, int] = FRAME_SIZE, seed: int = 0) -> np.nda
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
     return np.asarray(Image.fromarray(small).resize(size, Image.BILINEAR))
+
+
+def frame_jpeg(size: tuple[int, int] = FRAME_SIZE, seed: int = 0, quality: int = 95) -> bytes:
+    """`synthetic_frame` encoded as a JPEG: what a camera or ground station hands the pipeline."""
+    buf = io.BytesIO()
+    Image.fromarray(synthetic_frame(size, seed)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def answer_text(stage: str) -> str:

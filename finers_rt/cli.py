@@ -13,6 +13,8 @@ from pathlib import Path
 
 from .config import PRESETS, REGION_MODES, TASKS, PipelineConfig
 
+ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")  # `finers-rt export --target onnx`
+
 log = logging.getLogger("finers_rt")
 
 
@@ -49,10 +51,24 @@ def _load_pipeline(args):
 
 
 def cmd_export(*, args) -> None:
+    if args.target != "onnx":
+        from .export.trtllm_engine import run_export_target
+
+        manifest = run_export_target(args)
+        print(f"wrote {manifest['kind']} ({manifest['precision']}) to {args.out}/trtllm_manifest.json")
+        for stage, info in manifest["stages"].items():
+            for cmd in info.get("commands", []):
+                print(f"  {stage} ({'built' if info.get('built') else 'run on the GPU machine'}): {cmd}")
+        return
+    precision = args.precision or "fp32"
+    if precision not in ONNX_PRECISIONS:
+        raise ValueError(f"--precision {precision} is for --target trtllm-engine|trtllm; "
+                         f"--target onnx takes {'|'.join(ONNX_PRECISIONS)}")
     from .export.engine import export_engines
 
-    manifest = export_engines(Path(args.checkpoints), Path(args.out), precision=args.precision,
-                              overwrite=args.overwrite, sam2_config=args.sam2_config)
+    manifest = export_engines(Path(args.checkpoints), Path(args.out), precision=precision,
+                              overwrite=args.overwrite, sam2_config=args.sam2_config,
+                              vision_attention=args.vision_attention)
     print(f"exported {len(manifest['graphs'])} graphs ({manifest['precision']}) to {args.out}; verification:")
     for name, g in manifest["graphs"].items():
         print(f"  {name:<26} vs torch: max abs diff {g['max_abs_diff']:.3g}, mismatch {g['mismatch_pct']:.3g} %")
@@ -196,7 +212,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser, *, need_checkpoints: bool = T
     p.add_argument("--backend", default=None, choices=["torch", "ort"],
                    help="default: ort with --engines, torch with --checkpoints")
     p.add_argument("--device", default="cpu",
-                   help="ort: cpu | cuda | tensorrt; torch: cpu, cuda, cuda:1, ...")
+                   help="ort: cpu | cuda | tensorrt (ORT providers) | trt (TensorRT engines from `finers-rt build`); "
+                        "torch: cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="torch backend dtype (ort engines carry their own precision)")
     p.add_argument("--sam2-config", default=None,
@@ -226,13 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=20, help="number of annotations")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("export", help="export checkpoints to a verified ONNX engine folder")
+    p = sub.add_parser("export", help="export checkpoints to a verified ONNX engine folder or TensorRT-LLM artifacts")
     p.add_argument("--checkpoints", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"],
-                   help="fp32; fp16 (all graphs, GPU providers only); int8/int4 (weight-only decoders, MatMulNBits)")
+    p.add_argument("--precision", default=None,
+                   choices=[*ONNX_PRECISIONS, "bf16", "int8-wo", "int8-sq", "fp8", "int4-awq"],
+                   help="onnx: fp32 (default) | fp16 (GPU providers only) | int8 | int4 (weight-only decoders, "
+                        "MatMulNBits); trtllm-engine: fp16 (default) | bf16 | int8-wo | int8-sq; "
+                        "trtllm: bf16 (default) | fp16 | fp8 | int4-awq")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--sam2-config", default=None)
+    p.add_argument("--vision-attention", choices=["onnx", "ort"], default="onnx",
+                   help="onnx (default): standard ops, TensorRT-buildable; ort: ORT's MultiHeadAttention "
+                        "for the full-attention blocks (faster, less memory on CPU; ONNX Runtime only)")
+    from .export.trtllm_engine import add_trtllm_export_args  # numpy-only module
+
+    add_trtllm_export_args(p)  # --target onnx|trtllm-engine|trtllm, --no-build, --trtllm-examples, --calib-data
 
     p = sub.add_parser("run", help="run the pipeline on one image")
     _add_pipeline_args(p)
@@ -259,7 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .plan import add_plan_parser
     from .serve import add_serve_parser
 
+    from .export.trt_build import add_build_parser
+
     add_bench_parser(sub)
+    add_build_parser(sub)
     add_plan_parser(sub)
     add_serve_parser(sub)
     add_query_parser(sub)

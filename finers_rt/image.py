@@ -7,8 +7,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from .host_parallel import resize, resize_array
+
 # Refuse decompression bombs loudly rather than allocate: 4x the largest FineRS frame (8.3 Mpx).
 Image.MAX_IMAGE_PIXELS = 4 * 3840 * 2160
+ORIENTATION = 0x0112  # EXIF tag id
 
 
 class ImageLoadError(ValueError):
@@ -25,6 +28,29 @@ def load_image(image) -> np.ndarray:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ImageLoadError(f"array images must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
         return np.ascontiguousarray(image)
+    return np.asarray(open_rgb(image), dtype=np.uint8)
+
+
+def decode(image) -> np.ndarray | Image.Image:
+    """`load_image`'s checks, but files and bytes stay a PIL image: the stage resizes read it
+    directly and `region.crop` copies only the crop, skipping the (H, W, 3) conversion."""
+    if isinstance(image, np.ndarray):
+        return load_image(image)
+    return open_rgb(image)
+
+
+def image_size(image: np.ndarray | Image.Image) -> tuple[int, int]:
+    """(width, height) in pixels of an array or a PIL image."""
+    if isinstance(image, Image.Image):
+        return image.size
+    return image.shape[1], image.shape[0]
+
+
+def open_rgb(image) -> Image.Image:
+    """Path, bytes or PIL image -> decoded RGB PIL image (EXIF applied), as `load_image` checks it.
+
+    The fast host path resizes this image directly: a 4K PIL -> numpy conversion costs ~20 ms.
+    """
     if isinstance(image, Image.Image):
         return _to_rgb(image)
     if isinstance(image, (bytes, bytearray)):
@@ -45,23 +71,29 @@ def load_image(image) -> np.ndarray:
         raise ImageLoadError(f"{name}: cannot decode image ({e})") from None
 
 
-def _to_rgb(im: Image.Image) -> np.ndarray:
-    im = ImageOps.exif_transpose(im)
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.getexif().get(ORIENTATION, 1) != 1:  # exif_transpose copies even when nothing turns
+        im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I;16"):  # 16-bit gray: keep the top 8 bits (PIL's convert clips at 255)
         im = Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
     if im.mode != "RGB":
         im = im.convert("RGB")
-    arr = np.asarray(im, dtype=np.uint8)
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ImageLoadError(f"empty image {arr.shape}")
-    return arr
+    else:
+        im.load()  # decode now, inside the error handling, not lazily after the file is closed
+    if im.width < 1 or im.height < 1:
+        raise ImageLoadError(f"empty image {im.height}x{im.width}")
+    return im
 
 
-def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 -> (size[1], size[0], 3) uint8 with PIL BILINEAR, as the reference resizes."""
+def resize_bilinear(image: np.ndarray | Image.Image, size: tuple[int, int], threads: int = 1) -> np.ndarray:
+    """(H, W, 3) uint8 or RGB PIL image -> (size[1], size[0], 3) uint8 with PIL BILINEAR, as the
+    reference resizes. threads > 1: PIL's passes split into bands, byte-identical
+    (`host_parallel.resize`)."""
+    if isinstance(image, Image.Image):
+        return np.asarray(resize(image, tuple(size), Image.BILINEAR, threads))
     if (image.shape[1], image.shape[0]) == tuple(size):
         return image
-    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    return resize_array(image, size, Image.BILINEAR, threads)
 
 
 def swap_rb(image: np.ndarray) -> np.ndarray:

@@ -6,7 +6,8 @@ literal; bbox = the value of the first key whose lower-cased name contains "bbox
 has 4 entries; points = the values of the first two keys containing "points", used only if there
 are two such keys; response = key "response"; each coordinate becomes `round(int(v) * factor)`;
 think = the first `<think>...</think>` without a "<" inside. Where the reference would crash (a
-value `int()` rejects, a set literal) this parser returns a failure status instead.
+value `int()` rejects, a set literal, a coordinate past MAX_COORD) this parser returns a failure
+status instead.
 
 `parse_output` never raises: every failure is a status string plus a human-readable reason.
 """
@@ -28,6 +29,10 @@ NO_JSON = "no_json"  # no {...} in the text
 BAD_JSON = "bad_json"  # a {...} that is neither JSON nor a Python dict literal
 NO_BBOX = "no_bbox"  # the first "bbox" key is missing or not 4 numbers
 NO_POINTS = "no_points"  # LPR: fewer than two "points" keys, or one that is not 2 numbers
+# Largest |coordinate| kept, in pixels after scaling (int32: no image is that large). Past it the
+# region's float arithmetic (centre + half side) can overflow to inf and crash the pipeline, as
+# the reference does; SAM2's float32 prompts and clients' JSON numbers also stay exact.
+MAX_COORD = 2**31 - 1
 
 
 @dataclass
@@ -80,8 +85,16 @@ def _load_dict(snippet: str, tolerant: bool):
     return None
 
 
-def _scale(xy: list[int], fx: float, fy: float) -> list[int]:
-    return [round(v * (fx if i % 2 == 0 else fy)) for i, v in enumerate(xy)]
+def _scale(xy: list[int] | None, fx: float, fy: float) -> list[int] | None:
+    """None when a scaled coordinate is beyond MAX_COORD or not a finite float (1e308 * 2, a
+    400-digit int: the reference's `round(int(v) * factor)` raises OverflowError there)."""
+    if xy is None:
+        return None
+    try:
+        out = [round(v * (fx if i % 2 == 0 else fy)) for i, v in enumerate(xy)]
+    except OverflowError:
+        return None
+    return out if all(abs(v) <= MAX_COORD for v in out) else None
 
 
 def parse_output(text: str, fx: float, fy: float, *, want_points: bool, tolerant: bool = False) -> Parsed:
@@ -99,22 +112,23 @@ def parse_output(text: str, fx: float, fy: float, *, want_points: bool, tolerant
 
     keys = [k for k in data if isinstance(k, str)]
     bbox_key = next((k for k in keys if "bbox" in k.lower()), None)
-    bbox = _numbers(data[bbox_key], 4) if bbox_key is not None else None
+    bbox = _scale(_numbers(data[bbox_key], 4), fx, fy) if bbox_key is not None else None
     point_keys = [k for k in keys if "points" in k.lower()][:2]
-    pts = [_numbers(data[k], 2) for k in point_keys]
+    pts = [_scale(_numbers(data[k], 2), fx, fy) for k in point_keys]
     pts = pts if len(pts) == 2 and all(pts) else []
     response = data.get("response", "")
     out = Parsed(
         OK,
-        bbox=tuple(_scale(bbox, fx, fy)) if bbox else None,
-        points=[tuple(_scale(p, fx, fy)) for p in pts] if want_points else [],
+        bbox=tuple(bbox) if bbox else None,
+        points=[tuple(p) for p in pts] if want_points else [],
         response=response if isinstance(response, str) else str(response),
         think=think,
     )
     if bbox is None:
-        why = "no key containing 'bbox'" if bbox_key is None else f"{bbox_key!r} is not 4 numbers"
+        why = "no key containing 'bbox'" if bbox_key is None else f"{bbox_key!r} is not 4 numbers in range"
         out.status, out.reason = NO_BBOX, why
     elif want_points and not pts:
-        why = f"{len(point_keys)} 'points' keys" if len(point_keys) < 2 else "a 'points' value is not 2 numbers"
+        why = (f"{len(point_keys)} 'points' keys" if len(point_keys) < 2
+               else "a 'points' value is not 2 numbers in range")
         out.status, out.reason = NO_POINTS, why
     return out

@@ -13,7 +13,8 @@ import numpy as np
 
 from . import __version__
 from .config import PipelineConfig
-from .image import load_image, swap_rb
+from .host_parallel import HOST_THREADS
+from .image import decode, image_size, swap_rb
 from .parsing import OK, parse_output
 from .region import crop, dynamic_box, paste_mask, to_original
 from .result import TIMING_KEYS, Result
@@ -22,17 +23,20 @@ from .vlm import Generator, VLMStage
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "ort")
+BACKENDS = ("torch", "ort", "trt")
 
 
 class Pipeline:
     """`run(image, question, task=..., options=...) -> Result`; same API on every backend."""
 
     def __init__(self, gse: Generator, lpr: Generator, sam2: SegmentPredictor, *,
-                 config: PipelineConfig | None = None, backend: str = "", precision: str = ""):
+                 config: PipelineConfig | None = None, backend: str = "", precision: str = "",
+                 host_threads: int = 1):
+        # host_threads: threads for the stage resizes (byte-identical at any count; the torch
+        # reference keeps 1, the plain PIL calls the reference made)
         self.config = config or PipelineConfig()
-        self.gse = VLMStage(self.config.gse, gse)
-        self.lpr = VLMStage(self.config.lpr, lpr)
+        self.gse = VLMStage(self.config.gse, gse, host_threads)
+        self.lpr = VLMStage(self.config.lpr, lpr, host_threads)
         self.sam2 = sam2
         self.backend, self.precision = backend, precision
 
@@ -67,54 +71,97 @@ class Pipeline:
         """The `ort` backend on an engine folder written by `finers-rt export`.
 
         device: "cpu" | "cuda" | "tensorrt" (ONNX Runtime execution providers; a requested one that
-        does not load raises). Imports no torch.
+        does not load raises), or "trt": TensorRT engines built by `finers-rt build --target trt`
+        for vision and SAM2, decoders on ONNX Runtime CUDA. Imports no torch.
         """
+        if device == "trt":
+            from .backends.trt import load_trt
+
+            gse, lpr, sam2, manifest = load_trt(engine_dir, host_threads=HOST_THREADS)
+            return cls(gse, lpr, sam2, config=config, backend="trt", precision=manifest["trt"]["precision"],
+                       host_threads=HOST_THREADS)
         from .backends.ort import load_ort
 
         gse, lpr, sam2, manifest = load_ort(engine_dir, device)
-        return cls(gse, lpr, sam2, config=config, backend="ort", precision=manifest["precision"])
+        return cls(gse, lpr, sam2, config=config, backend="ort", precision=manifest["precision"],
+                   host_threads=HOST_THREADS)
 
     def run(self, image, question: str, *, task: str = "referring", options=None,
             force_output: dict[str, str] | None = None) -> Result:
         """image: path, bytes, PIL image or (H, W, 3) uint8 RGB. force_output: {"gse", "lpr"} texts."""
         force_output = force_output or {}
-        cfg, ms = self.config, {}
         t_start = time.perf_counter()
-        img = load_image(image)
-        h, w = img.shape[:2]
+        img, res, ms = self._open(image, question, task, options, force_output)
+        gen, resize_ms = self.gse.run(img, question, task, options, force_output.get("gse"))
+        if self._after_gse(res, gen, resize_ms, ms) is None:  # no region: the reference scores an empty mask
+            return self._finish(res, self._empty_mask(res), ms, t_start)
+        region, lpr_input = self._cut_region(img, res, ms)
+        gen, resize_ms = self.lpr.run(lpr_input, question, task, options, force_output.get("lpr"))
+        lpr = self._after_lpr(res, region, gen, resize_ms, ms)
+        return self._finish(res, self._mask(res, region, lpr, ms), ms, t_start)
+
+    # ---- the stages of `run`, shared with `finers_rt.batch.run_batch` (same Result, field by field)
+
+    def _open(self, image, question: str, task: str, options, force_output: dict):
+        """Decode the image and open its Result -> (image, Result, ms timings)."""
+        t0 = time.perf_counter()
+        img = decode(image)  # PIL for files/bytes (resized without a 4K numpy copy), else the array
+        w, h = image_size(img)
         res = Result(task=task, question=question, options=options, image_size=(w, h),
                      backend=self.backend, precision=self.precision, forced=bool(force_output),
-                     config=_config_dict(cfg), version=__version__)
-        ms["preprocess"] = _ms(t_start)
+                     config=_config_dict(self.config), version=__version__)
+        return img, res, {"preprocess": _ms(t0)}
 
-        gen, resize_ms = self.gse.run(img, question, task, options, force_output.get("gse"))
-        gse = self._record(res, "gse", gen, ms, resize_ms, fx=w / cfg.gse.input_size[0],
-                           fy=h / cfg.gse.input_size[1], want_points=False)
-        res.answer = gse.response
-        res.gse_box = gse.bbox
-        mask = np.zeros((h, w), dtype=bool)
-        if gse.bbox is None:  # no region: the reference scores an empty mask
-            return self._finish(res, mask, ms, t_start)
+    def _after_gse(self, res: Result, gen, resize_ms: float, ms: dict):
+        """Record + parse GSE's generation; returns the box in original pixels, or None."""
+        (w, h), size = res.image_size, self.config.gse.input_size
+        gse = self._record(res, "gse", gen, ms, resize_ms, fx=w / size[0], fy=h / size[1], want_points=False)
+        res.answer, res.gse_box = gse.response, gse.bbox
+        return gse.bbox
 
-        t = time.perf_counter()
-        res.crop_box = dynamic_box(gse.bbox, w, h, cfg.region_mode, cfg.min_region)
+    def _cut_region(self, img, res: Result, ms: dict):
+        """The region around GSE's box -> (crop (h, w, 3) uint8, LPR's input: the crop, R/B swapped
+        if the config reproduces the reference)."""
+        cfg, t = self.config, time.perf_counter()
+        w, h = res.image_size
+        res.crop_box = dynamic_box(res.gse_box, w, h, cfg.region_mode, cfg.min_region)
         region = crop(img, res.crop_box)
         lpr_input = swap_rb(region) if cfg.lpr_channel_swap else region
         ms["region"] = _ms(t)
-        gen, resize_ms = self.lpr.run(lpr_input, question, task, options, force_output.get("lpr"))
-        ch, cw = region.shape[:2]
-        lpr = self._record(res, "lpr", gen, ms, resize_ms, fx=cw / cfg.lpr.input_size[0],
-                           fy=ch / cfg.lpr.input_size[1], want_points=True)
+        return region, lpr_input
+
+    def _after_lpr(self, res: Result, region: np.ndarray, gen, resize_ms: float, ms: dict):
+        """Record + parse LPR's generation; box and points mapped back to original pixels."""
+        (ch, cw), size = region.shape[:2], self.config.lpr.input_size
+        lpr = self._record(res, "lpr", gen, ms, resize_ms, fx=cw / size[0], fy=ch / size[1], want_points=True)
         ms["region"] += ms.pop("lpr_preprocess")
         if lpr.bbox is not None:
             res.lpr_box = to_original(lpr.bbox, res.crop_box)
         res.points = [to_original(p, res.crop_box) for p in lpr.points]
-        if lpr.bbox is not None or lpr.points:
-            crop_mask = self._segment(region, lpr.bbox, lpr.points, res, ms)
-            t = time.perf_counter()
-            mask = paste_mask(crop_mask, res.crop_box, h, w)
-            ms["postprocess"] = ms.get("postprocess", 0.0) + _ms(t)
-        return self._finish(res, mask, ms, t_start)
+        return lpr
+
+    def _mask(self, res: Result, region: np.ndarray, lpr, ms: dict) -> np.ndarray:
+        """SAM2 on the crop when LPR gave a box or points, pasted into a full-size (H, W) bool mask."""
+        if lpr.bbox is None and not lpr.points:
+            return self._empty_mask(res)
+        crop_mask = self._segment(region, lpr.bbox, lpr.points, res, ms)
+        t = time.perf_counter()
+        w, h = res.image_size
+        mask = paste_mask(crop_mask, res.crop_box, h, w)
+        ms["postprocess"] = ms.get("postprocess", 0.0) + _ms(t)
+        return mask
+
+    @staticmethod
+    def _empty_mask(res: Result) -> np.ndarray:
+        w, h = res.image_size
+        return np.zeros((h, w), dtype=bool)
+
+    def run_batch(self, requests) -> list[Result]:
+        """`run` for a list of `finers_rt.batch.Request`s, each VLM stage run as one batch (on the
+        ort backend); Results equal `run`'s but for timings. See `finers_rt.batch.run_batch`."""
+        from .batch import run_batch  # batch.py builds on this module
+
+        return run_batch(self, requests)
 
     def _record(self, res: Result, stage: str, gen, ms: dict, resize_ms: float, *, fx, fy, want_points):
         """Store a stage's generation in `res` and parse it into pixels of the stage's image."""

@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from .host_parallel import resize_array
 
 # Qwen2VLImageProcessor's fixed class values for the two settings that Qwen2.5-VL's own
 # preprocessor_config.json does not write (it carries only pixels, sizes, mean and std). They are
@@ -49,10 +50,12 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h_bar, w_bar
 
 
-def _need(doc: dict, key: str, path: Path):
+def need_key(doc: dict, key: str, where):
+    """doc[key], or a KeyError naming the file (`where`): config values never come from library defaults."""
     if key not in doc:
-        raise KeyError(f"{path} has no {key!r}; finers-rt never falls back to library defaults")
+        raise KeyError(f"{where} has no {key!r}; finers-rt never falls back to library defaults")
     return doc[key]
+
 
 
 @dataclass(frozen=True)
@@ -82,15 +85,15 @@ class VisionPreprocessConfig:
         if "shortest_edge" in size and "longest_edge" in size:
             min_pixels, max_pixels = size["shortest_edge"], size["longest_edge"]
         else:
-            min_pixels, max_pixels = _need(doc, "min_pixels", path), _need(doc, "max_pixels", path)
+            min_pixels, max_pixels = need_key(doc, "min_pixels", path), need_key(doc, "max_pixels", path)
         cfg = cls(
             min_pixels=int(min_pixels),
             max_pixels=int(max_pixels),
-            patch_size=int(_need(doc, "patch_size", path)),
-            temporal_patch_size=int(_need(doc, "temporal_patch_size", path)),
-            merge_size=int(_need(doc, "merge_size", path)),
-            image_mean=tuple(float(v) for v in _need(doc, "image_mean", path)),
-            image_std=tuple(float(v) for v in _need(doc, "image_std", path)),
+            patch_size=int(need_key(doc, "patch_size", path)),
+            temporal_patch_size=int(need_key(doc, "temporal_patch_size", path)),
+            merge_size=int(need_key(doc, "merge_size", path)),
+            image_mean=tuple(float(v) for v in need_key(doc, "image_mean", path)),
+            image_std=tuple(float(v) for v in need_key(doc, "image_std", path)),
             resample=int(doc.get("resample", QWEN_RESAMPLE)),
             rescale_factor=float(doc.get("rescale_factor", QWEN_RESCALE)),
         )
@@ -101,17 +104,17 @@ class VisionPreprocessConfig:
         """From a checkpoint (or exported stage) folder: preprocessor_config.json + config.json."""
         checkpoint = Path(checkpoint)
         config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
-        return cls.from_json(checkpoint / "preprocessor_config.json", _need(config, "vision_config", checkpoint))
+        return cls.from_json(checkpoint / "preprocessor_config.json", need_key(config, "vision_config", checkpoint))
 
     def with_vision_config(self, vision: dict) -> VisionPreprocessConfig:
         """Add window_size from a `vision_config` dict, checking the two files agree on the geometry."""
         where = "config.json vision_config"
         for ours, theirs in (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"),
                              ("temporal_patch_size", "temporal_patch_size")):
-            value = _need(vision, theirs, Path(where))
+            value = need_key(vision, theirs, Path(where))
             if int(value) != getattr(self, ours):
                 raise ValueError(f"{where} {theirs}={value} disagrees with preprocessor {ours}={getattr(self, ours)}")
-        window = int(_need(vision, "window_size", Path(where)))
+        window = int(need_key(vision, "window_size", Path(where)))
         if window % (self.patch_size * self.merge_size):
             raise ValueError(f"window_size {window} is not a multiple of patch*merge {self.factor}")
         return replace(self, window_size=window)
@@ -133,13 +136,15 @@ class VisionPreprocessConfig:
 # pixels -> patches
 
 
-def resize_for_vision(image: np.ndarray, cfg: VisionPreprocessConfig) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (h, w, 3) uint8 at the smart_resize size (PIL, cfg.resample)."""
+def resize_for_vision(image: np.ndarray, cfg: VisionPreprocessConfig, threads: int = 1) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (h, w, 3) uint8 at the smart_resize size (PIL, cfg.resample).
+
+    threads > 1 splits PIL's passes into bands (`host_parallel.resize`: byte-identical)."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
     h, w = smart_resize(image.shape[0], image.shape[1], cfg.factor, cfg.min_pixels, cfg.max_pixels)
     # HF resizes even when the size already fits; PIL then returns an identical copy.
-    return np.asarray(Image.fromarray(image).resize((w, h), resample=cfg.resample))
+    return resize_array(image, (w, h), cfg.resample, threads)
 
 
 def _normalise_lut(cfg: VisionPreprocessConfig) -> np.ndarray:
@@ -170,16 +175,17 @@ def _normalise_patches(units_u8: np.ndarray, cfg: VisionPreprocessConfig) -> np.
     out = np.empty((flat.shape[0], 3, t, p * p), np.float32)
     plane = np.empty((flat.shape[0], p * p), np.float32)
     for c in range(3):  # one gather per channel, then the temporal copies (a still image: T equal frames)
-        np.take(lut[c], flat[:, c], out=plane, mode="clip")
+        np.take(lut[c], flat[:, c], out=plane, mode="clip")  # memory-bound: 2 threads measured no faster
         for frame in range(t):
             out[:, c, frame] = plane
     return out.reshape(flat.shape[0], -1)
 
 
-def pixel_values(image: np.ndarray, cfg: VisionPreprocessConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+def pixel_values(image: np.ndarray, cfg: VisionPreprocessConfig, threads: int = 1
+                 ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """HF processor output for one image: (N, 3*T*P*P) float32 patches in raster (merge-block) order,
     and the grid (t, gh, gw) in patches."""
-    resized = resize_for_vision(image, cfg)
+    resized = resize_for_vision(image, cfg, threads)
     units = _unit_view(resized, cfg.patch_size, cfg.merge_size)
     uh, uw = units.shape[:2]
     patches = _normalise_patches(np.ascontiguousarray(units), cfg)
@@ -238,7 +244,7 @@ def padded_windows(unit_counts: np.ndarray, unit_size: int) -> dict[str, np.ndar
     return {"win_gather": gather.astype(np.int64), "win_mask": mask, "win_scatter": scatter}
 
 
-def vision_inputs(image: np.ndarray, cfg: VisionPreprocessConfig
+def vision_inputs(image: np.ndarray, cfg: VisionPreprocessConfig, threads: int = 1
                   ) -> tuple[dict[str, np.ndarray], np.ndarray, tuple[int, int, int]]:
     """Everything the vision graph needs for one image, in window order.
 
@@ -248,7 +254,7 @@ def vision_inputs(image: np.ndarray, cfg: VisionPreprocessConfig
              grid (1, gh, gw) in patches).
     """
     m = cfg.merge_size
-    resized = resize_for_vision(image, cfg)
+    resized = resize_for_vision(image, cfg, threads)
     units = _unit_view(resized, cfg.patch_size, m)  # (uh, uw, m, m, 3, P, P) view
     uh, uw = units.shape[:2]
     grid = (1, uh * m, uw * m)
@@ -260,3 +266,17 @@ def vision_inputs(image: np.ndarray, cfg: VisionPreprocessConfig
         **padded_windows(counts, m * m),
     }
     return feeds, np.argsort(index), grid
+
+
+def vision_dims(cfg: VisionPreprocessConfig, width: int, height: int) -> dict[str, int]:
+    """The vision graph's dynamic dims (names of specs.VISION) for a width x height stage input:
+    the shapes `vision_inputs` feeds for it, computed without pixels (TensorRT profile opt).
+
+    GSE 1920x1080 -> 1932x1092: 10,764 patches in 180 windows of <= 64; LPR 512x512 -> 504x504:
+    1,296 patches in 25 windows (Qwen2.5-VL-7B's processor settings).
+    """
+    h, w = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    grid = (1, h // cfg.patch_size, w // cfg.patch_size)
+    _, counts = window_index(grid, cfg.merge_size, cfg.window_units)
+    return {"num_patches": grid[1] * grid[2], "num_windows": len(counts),
+            "window_len": int(counts.max()) * cfg.merge_size**2}

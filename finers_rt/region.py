@@ -44,9 +44,11 @@ def _shift_span(c: float, side: float, size: int) -> tuple[int, int]:
     return lo, lo + side
 
 
-def crop(image: np.ndarray, box) -> np.ndarray:
-    """(h, w, 3) view of `image` (H, W, 3) inside `box`."""
+def crop(image, box) -> np.ndarray:
+    """(h, w, 3) uint8 of `image` ((H, W, 3) array: a view; PIL image: a copy) inside `box`."""
     x0, y0, x1, y1 = box
+    if not isinstance(image, np.ndarray):  # PIL.Image (see image.decode); box lies inside it
+        return np.asarray(image.crop((x0, y0, x1, y1)))
     return image[y0:y1, x0:x1]
 
 

@@ -3,8 +3,9 @@
 One pipeline, one worker thread: the pipeline is not thread-safe, so every `Pipeline.run` happens
 on a single executor thread and requests wait in a bounded asyncio queue in front of it (full ->
 429). Bad input is refused before it reaches the queue, as `{"error": code, "detail": message}`
-with a 4xx. FastAPI and uvicorn are imported only when serving, so the rest of `finers-rt` works
-without the [serve] extra.
+with a 4xx. (More worker threads only for a thread-safe pipeline: `serve_ray`'s, whose runs mostly
+wait on the remote stages.) FastAPI and uvicorn are imported only when serving, so the rest of
+`finers-rt` works without the [serve] extra.
 """
 # No `from __future__ import annotations`: FastAPI reads the route signatures at runtime, and
 # `Request` is imported inside create_app (lazily), where string annotations would not resolve.
@@ -17,14 +18,12 @@ import signal
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from .image import ImageLoadError
-from .result import TIMING_KEYS
 from .serve_request import (  # noqa: F401  (rle_encode: re-exported for clients and tests)
     FORM_SCHEMA,
     ApiError,
@@ -36,6 +35,7 @@ from .serve_request import (  # noqa: F401  (rle_encode: re-exported for clients
     response_body,
     rle_encode,
 )
+from .serve_worker import Metrics, Worker
 
 log = logging.getLogger(__name__)
 
@@ -43,101 +43,6 @@ WARMUP_FORCE = {
     "gse": "<answer>{'bbox': [832,412,1088,668], 'response': 'The object is found.'}</answer>",
     "lpr": "<answer>{'bbox': [200,200,300,300], 'points_1': [240,240], 'points_2': [260,260]}</answer>",
 }
-STAGE_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-
-# ---------------------------------------------------------------- worker and metrics
-
-
-class Metrics:
-    """Counters, gauges and per-stage histograms, written as Prometheus text by hand."""
-
-    def __init__(self):
-        self.requests: dict[tuple[str, int], int] = {}  # (outcome, HTTP status) -> count
-        self.stages: dict[str, list] = {}  # stage -> [bucket counts (non-cumulative), sum s, count]
-
-    def count(self, outcome: str, status: int) -> None:
-        self.requests[outcome, status] = self.requests.get((outcome, status), 0) + 1
-
-    def observe(self, timings_ms: dict[str, float]) -> None:
-        for stage, ms in timings_ms.items():
-            h = self.stages.setdefault(stage, [[0] * len(STAGE_BUCKETS_S), 0.0, 0])
-            i = next((i for i, le in enumerate(STAGE_BUCKETS_S) if ms / 1e3 <= le), None)
-            if i is not None:
-                h[0][i] += 1
-            h[1] += ms / 1e3
-            h[2] += 1
-
-    def mean_total_s(self) -> float:
-        h = self.stages.get("total")
-        return h[1] / h[2] if h and h[2] else 1.0
-
-    def render(self, gauges: dict[str, tuple[str, float]]) -> str:
-        out = ["# HELP finers_requests_total /v1/segment answers by outcome (error code or ok) and status.",
-               "# TYPE finers_requests_total counter"]
-        for (outcome, status), n in sorted(self.requests.items()):
-            out.append(f'finers_requests_total{{outcome="{outcome}",status="{status}"}} {n}')
-        for name, (help_, value) in gauges.items():
-            out += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value}"]
-        out += ["# HELP finers_stage_seconds Pipeline stage latency (Result.timings_ms), seconds.",
-                "# TYPE finers_stage_seconds histogram"]
-        for stage in sorted(self.stages, key=lambda s: TIMING_KEYS.index(s) if s in TIMING_KEYS else 99):
-            buckets, total, n = self.stages[stage]
-            cum = np.cumsum(buckets).tolist()
-            out += [f'finers_stage_seconds_bucket{{stage="{stage}",le="{le}"}} {c}' for le, c in zip(STAGE_BUCKETS_S, cum)]
-            out += [f'finers_stage_seconds_bucket{{stage="{stage}",le="+Inf"}} {n}',
-                    f'finers_stage_seconds_sum{{stage="{stage}"}} {total:.6f}',
-                    f'finers_stage_seconds_count{{stage="{stage}"}} {n}']
-        return "\n".join(out) + "\n"
-
-
-class Worker:
-    """Runs pipeline calls one at a time on one thread. `max_queue` calls may wait behind the running
-    one; a call whose future was cancelled (its request timed out) while waiting is skipped."""
-
-    def __init__(self, max_queue: int, metrics: Metrics):
-        self.queue: asyncio.Queue = asyncio.Queue(maxsize=max_queue)  # (call, future, record)
-        self.busy = False
-        self._metrics = metrics
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finers-pipeline")
-        self._task = asyncio.create_task(self._consume())
-
-    def submit(self, call, *, record: bool = True) -> asyncio.Future:
-        """Queue `call()` (raises asyncio.QueueFull); the future gets its result or exception."""
-        fut = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait((call, fut, record))
-        return fut
-
-    async def _consume(self):
-        while True:
-            call, fut, record = await self.queue.get()
-            try:
-                if not fut.cancelled():
-                    await self._run(call, fut, record)
-            finally:
-                self.queue.task_done()
-
-    async def _run(self, call, fut: asyncio.Future, record: bool):
-        self.busy = True
-        try:
-            res = await asyncio.get_running_loop().run_in_executor(self._executor, call)
-        except Exception as e:  # noqa: BLE001 - handed to the waiting request
-            if not fut.done():
-                fut.set_exception(e)
-        else:
-            if record:
-                self._metrics.observe(res.timings_ms)
-            if not fut.done():  # a timed-out request's result is discarded
-                fut.set_result(res)
-        finally:
-            self.busy = False
-
-    async def close(self):
-        """Finish every accepted call (timed-out running ones too), then stop the thread."""
-        await self.queue.join()
-        self._task.cancel()
-        await asyncio.to_thread(self._executor.shutdown, wait=True)
-
-
 # ---------------------------------------------------------------- the service
 
 
@@ -145,10 +50,13 @@ class Service:
     """State shared by the routes: the pipeline, its worker, metrics, readiness and draining."""
 
     def __init__(self, pipeline, *, max_queue: int, max_image_mb: float, timeout_s: float,
-                 image_root: str | Path | None, allow_forced: bool):
-        if max_queue < 1 or max_image_mb <= 0 or timeout_s <= 0:
-            raise ValueError("max_queue must be >= 1, max_image_mb and timeout_s > 0")
-        self.pipeline, self.max_queue, self.timeout_s = pipeline, max_queue, timeout_s
+                 image_root: str | Path | None, allow_forced: bool, workers: int = 1, max_batch: int = 1):
+        if max_queue < 1 or workers < 1 or max_batch < 1 or max_image_mb <= 0 or timeout_s <= 0:
+            raise ValueError("max_queue, workers and max_batch must be >= 1, max_image_mb and timeout_s > 0")
+        if max_batch > 1 and not hasattr(pipeline, "run_batch"):
+            raise ValueError(f"--max-batch {max_batch} needs a pipeline with run_batch; this one has none")
+        self.max_batch = max_batch
+        self.pipeline, self.max_queue, self.timeout_s, self.workers = pipeline, max_queue, timeout_s, workers
         self.max_image_bytes = int(max_image_mb * 2**20)
         self.image_root = Path(image_root).resolve() if image_root is not None else None
         self.allow_forced = allow_forced
@@ -160,7 +68,8 @@ class Service:
 
     async def start(self):
         """Start the worker and queue the warm-up run (the routes need the running loop for both)."""
-        self.worker = Worker(self.max_queue, self.metrics)
+        self.worker = Worker(self.max_queue, self.metrics, self.workers, max_batch=self.max_batch,
+                             run_batch=self.pipeline.run_batch if self.max_batch > 1 else None)
         self._decode_slots = asyncio.Semaphore(2)  # bounds decoded images held before queueing
         self.state, self.state_detail = "warming_up", "the pipeline is warming up"
         self._warmup = asyncio.create_task(self._warm_up())
@@ -188,7 +97,7 @@ class Service:
             raise ApiError(503, "not_ready", self.state_detail, {"Retry-After": "5"})
 
     def _queue_full(self) -> ApiError:
-        wait = math.ceil(self.metrics.mean_total_s() * (self.worker.queue.qsize() + 1))
+        wait = math.ceil(self.metrics.mean_total_s() * (self.worker.queue.qsize() + 1) / self.workers)
         return ApiError(429, "queue_full", f"{self.worker.queue.qsize()} requests are already waiting "
                                            f"(--max-queue {self.max_queue})", {"Retry-After": str(max(wait, 1))})
 
@@ -225,8 +134,13 @@ class Service:
             image = await run_in_threadpool(self._load, req)
         call = functools.partial(self.pipeline.run, image, req.question, task=req.task, options=req.options,
                                  force_output=req.force_output)
+        batchable = None
+        if self.max_batch > 1:  # the same call, as run_batch takes it
+            from .batch import Request
+
+            batchable = Request(image, req.question, req.task, req.options, req.force_output)
         try:
-            fut = self.worker.submit(call)
+            fut = self.worker.submit(call, request=batchable)
         except asyncio.QueueFull:
             raise self._queue_full() from None
         try:
@@ -257,17 +171,21 @@ class Service:
         w = self.worker
         return self.metrics.render({
             "finers_queue_depth": ("Requests waiting for the pipeline worker.", w.queue.qsize() if w else 0),
-            "finers_worker_busy": ("Whether the worker thread is running the pipeline (0/1).", int(bool(w and w.busy))),
+            "finers_worker_busy": ("Pipeline calls running on the worker threads (0/1 with one worker).",
+                                   w.running if w else 0),
             "finers_ready": ("Whether the pipeline is loaded and warmed up (0/1).", int(self.state == "ready")),
             "finers_draining": ("Whether SIGTERM was received and new requests are refused (0/1).", int(self.draining)),
         })
 
 
 def create_app(pipeline, *, max_queue: int, max_image_mb: float, timeout_s: float,
-               image_root: str | Path | None = None, allow_forced: bool = False):
+               image_root: str | Path | None = None, allow_forced: bool = False, workers: int = 1,
+               max_batch: int = 1):
     """The FastAPI app serving `pipeline` (anything with `Pipeline.run`'s signature returning a Result).
 
     The worker starts and the warm-up run is queued at app startup; /healthz is 503 until it is done.
+    workers: pipeline calls run at once (> 1 only if `pipeline.run` is thread-safe).
+    max_batch: > 1 runs requests already waiting together through `pipeline.run_batch` (up to this many).
     """
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse
@@ -276,7 +194,7 @@ def create_app(pipeline, *, max_queue: int, max_image_mb: float, timeout_s: floa
     from . import __version__
 
     service = Service(pipeline, max_queue=max_queue, max_image_mb=max_image_mb, timeout_s=timeout_s,
-                      image_root=image_root, allow_forced=allow_forced)
+                      image_root=image_root, allow_forced=allow_forced, workers=workers, max_batch=max_batch)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -358,6 +276,7 @@ def _positive_int(text: str) -> int:
 def add_serve_parser(sub) -> argparse.ArgumentParser:
     """Register `finers-rt serve` on the CLI's subparsers; the handler is `args.func(args)`."""
     from .cli import _add_pipeline_args
+    from .serve_ray import add_ray_args
 
     p = sub.add_parser("serve", help="HTTP service: POST /v1/segment, GET /healthz, GET /metrics")
     _add_pipeline_args(p)
@@ -370,16 +289,23 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="per request, queue wait included; later gets 504 (default 120)")
     p.add_argument("--image-root", type=Path, default=None,
                    help="allow `image_path` form fields, resolved under this folder")
+    p.add_argument("--max-batch", type=_positive_int, default=1,
+                   help="run up to this many waiting requests as one Pipeline.run_batch (GSE, LPR batched "
+                        "across requests); 1 (default): one at a time")
     p.add_argument("--force-output-from-request", action="store_true",
                    help="TESTING ONLY: accept a `force_output` form field scripting the stage texts")
+    add_ray_args(p)
     p.set_defaults(func=cmd_serve)
     return p
 
 
 def cmd_serve(args) -> None:
-    """Load the pipeline (as `finers-rt run` does), then serve it until SIGTERM."""
+    """Load the pipeline (as `finers-rt run` does), then serve it until SIGTERM (--ray: on Ray Serve)."""
     from .cli import _load_pipeline
+    from .serve_ray import cmd_serve_ray
 
+    if args.ray:
+        return cmd_serve_ray(args)
     try:
         import fastapi  # noqa: F401
         import python_multipart  # noqa: F401
@@ -390,7 +316,8 @@ def cmd_serve(args) -> None:
     if args.force_output_from_request:
         log.warning("--force-output-from-request: clients may script the stage texts (testing only)")
     app = create_app(pipeline, max_queue=args.max_queue, max_image_mb=args.max_image_mb, timeout_s=args.timeout_s,
-                     image_root=args.image_root, allow_forced=args.force_output_from_request)
+                     image_root=args.image_root, allow_forced=args.force_output_from_request,
+                     max_batch=args.max_batch)
     try:
         level = "debug" if getattr(args, "verbose", False) else "info"
         run_server(app, host=args.host, port=args.port, log_level=level)

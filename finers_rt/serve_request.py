@@ -121,7 +121,8 @@ async def read_form(request, max_image_bytes: int) -> dict[str, bytes]:
 
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in params:
-        raise ApiError(415, "unsupported_media_type", f"send multipart/form-data, not {ctype.decode() or 'nothing'}")
+        got = ctype.decode("latin-1") or "nothing"  # latin-1: header bytes need not be UTF-8
+        raise ApiError(415, "unsupported_media_type", f"send multipart/form-data, not {got}")
     declared = int(request.headers.get("content-length") or 0)
     if declared > max_image_bytes + len(FORM_FIELDS) * MAX_FIELD_BYTES:
         raise ApiError(413, "too_large", f"request body is {declared} bytes; the image limit is {max_image_bytes}")
@@ -208,7 +209,7 @@ def _force_output(text: str, allowed: bool) -> dict[str, str]:
                        "force_output is a testing switch; this server was not started with --force-output-from-request")
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the stack
         data = None
     if not isinstance(data, dict) or set(data) - {"gse", "lpr"} or not all(isinstance(v, str) for v in data.values()):
         raise ApiError(422, "invalid_force_output", 'force_output must be JSON {"gse": "<text>", "lpr": "<text>"}')

@@ -148,3 +148,36 @@ VISION = GraphSpec(
         "activations, hence the margin; a wrong window order, rotary layout or mask is off by >1e-2"
     ),
 )
+
+
+def profile_shapes(spec: GraphSpec, opt: dict | None = None, *, max_batch: int | None = None) -> dict:
+    """TensorRT optimisation profile of a graph: {input name: (min shape, opt shape, max shape)}.
+
+    Every dynamic dim takes min/opt/max from `spec.profiles`; `opt` overrides the opt value of
+    the dims it names (the real shape a stage feeds, e.g. `qwen_vision_host.vision_dims`) and must
+    lie inside the spec's [min, max]. max_batch caps a dim named "batch" (also inside the spec's
+    range). Static inputs need no profile and are left out.
+    """
+    dims = {name: list(v) for name, v in spec.profiles.items()}
+    for name, value in (opt or {}).items():
+        lo, _, hi = _profile_dim(spec, name)
+        if not lo <= value <= hi:
+            raise ValueError(f"{spec.name}: {name}={value} is outside the profile [{lo}, {hi}] of specs.{spec.name}")
+        dims[name][1] = int(value)
+    if max_batch is not None:
+        lo, _, hi = _profile_dim(spec, "batch")
+        if not lo <= max_batch <= hi:
+            raise ValueError(f"{spec.name}: max batch {max_batch} is outside the profile [{lo}, {hi}]")
+        dims["batch"][1], dims["batch"][2] = min(dims["batch"][1], max_batch), max_batch
+    out = {}
+    for t in spec.inputs:
+        if all(isinstance(d, int) for d in t.shape):
+            continue
+        out[t.name] = tuple(tuple(d if isinstance(d, int) else dims[d][i] for d in t.shape) for i in range(3))
+    return out
+
+
+def _profile_dim(spec: GraphSpec, name: str) -> tuple[int, int, int]:
+    if name not in spec.profiles:
+        raise ValueError(f"{spec.name} has no dynamic dim {name!r} (profiles: {sorted(spec.profiles)})")
+    return spec.profiles[name]

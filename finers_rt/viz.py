@@ -28,7 +28,8 @@ def save_overlay(image: np.ndarray, res: Result, path: str | Path, max_side: int
     draw = ImageDraw.Draw(base)
     for box, colour in ((res.gse_box, "yellow"), (res.crop_box, "cyan"), (res.lpr_box, "lime")):
         if box is not None:
-            draw.rectangle([v * s for v in box], outline=colour, width=3)
+            x0, y0, x1, y1 = (v * s for v in box)  # a model may emit x1 < x0: draw the same rectangle
+            draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], outline=colour, width=3)
     for x, y in res.points:
         r = 6
         draw.ellipse([x * s - r, y * s - r, x * s + r, y * s + r], outline="magenta", width=3)

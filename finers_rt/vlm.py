@@ -23,12 +23,14 @@ class Generation:
     """What a Generator returns for one prompt.
 
     timings_ms keys: preprocess (smart_resize + patchify + tokenise), vision, prefill, decode.
+    From `generate_batch`, prefill and decode are the whole batch's, shared by `batch_size` prompts.
     """
 
     text: str
     token_ids: list[int]
     prompt: str  # the rendered chat text (one <|image_pad|> placeholder)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1  # prompts that shared this generation's prefill + decode
 
 
 class Generator(Protocol):
@@ -45,20 +47,49 @@ class Generator(Protocol):
     def close(self) -> None: ...
 
 
+class BatchGenerator(Generator, Protocol):
+    """A Generator that can also run several prompts as one batch (same results as `generate`)."""
+
+    def generate_batch(
+        self, images: list[np.ndarray], user_texts: list[str], *, max_new_tokens: int,
+        forced_texts: list[str | None] | None = None,
+    ) -> list[Generation]: ...
+
+
 class VLMStage:
     """GSE or LPR: resize -> prompt -> generate. Coordinates come back in `cfg.coord_space`."""
 
-    def __init__(self, cfg: StageConfig, generator: Generator):
+    def __init__(self, cfg: StageConfig, generator: Generator, host_threads: int = 1):
         self.cfg = cfg
         self.generator = generator
+        self.host_threads = host_threads  # >1: banded PIL resize, byte-identical (host_parallel)
 
     def run(self, image: np.ndarray, question: str, task: str, options=None, forced_text=None):
         """(H, W, 3) uint8 RGB at any size -> (Generation, resize ms)."""
         t0 = time.perf_counter()
-        stage_input = resize_bilinear(image, self.cfg.input_size)
+        stage_input = resize_bilinear(image, self.cfg.input_size, self.host_threads)
         user_text = build_question(self.cfg.name, task, question, options)
         resize_ms = (time.perf_counter() - t0) * 1e3
         gen = self.generator.generate(
             stage_input, user_text, max_new_tokens=self.cfg.max_new_tokens, forced_text=forced_text
         )
         return gen, resize_ms
+
+    def run_batch(self, images: list[np.ndarray], questions: list[str], tasks: list[str],
+                  options: list, forced_texts: list[str | None]) -> list[tuple[Generation, float]]:
+        """`run` for several requests: one `generate_batch` call when the generator has it (the
+        ort backend); a generator without it (the torch reference) runs `generate` per request."""
+        requests = list(zip(images, questions, tasks, options, forced_texts, strict=True))
+        if not requests:
+            return []
+        if not hasattr(self.generator, "generate_batch"):
+            return [self.run(*r) for r in requests]
+        inputs, texts, resize_ms = [], [], []
+        for image, question, task, opts, _ in requests:
+            t0 = time.perf_counter()
+            inputs.append(resize_bilinear(image, self.cfg.input_size, self.host_threads))
+            texts.append(build_question(self.cfg.name, task, question, opts))
+            resize_ms.append((time.perf_counter() - t0) * 1e3)
+        gens = self.generator.generate_batch(inputs, texts, max_new_tokens=self.cfg.max_new_tokens,
+                                             forced_texts=list(forced_texts))
+        return list(zip(gens, resize_ms, strict=True))

@@ -5,10 +5,12 @@ Imports numpy, tokenizers and onnxruntime only (never torch): this is the embedd
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..manifest import load_manifest
 from ..specs import SAM2_DECODER, SAM2_ENCODER, VISION, decoder_spec_from_config
+from ..trt_engines import graph_profile
 
 # device -> ONNX Runtime providers, in priority order. The first one must load: a requested
 # accelerator that is not there is an error, never a quiet CPU run.
@@ -17,13 +19,62 @@ PROVIDERS = {
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+TRT_WORKSPACE_GB = 4  # TensorRT builder scratch memory per engine ORT builds
 
 
-def providers_for(device: str) -> list[str]:
+@dataclass(frozen=True)
+class TensorrtEP:
+    """ONNX Runtime's TensorRT execution provider, configured per graph by `open_session`.
+
+    Engines are cached in the engine folder (DIR/<stage>/trt_cache) and built once per GPU with
+    the graph spec's optimisation profile (`finers_rt.trt_engines.graph_profile`).
+    precision: the folder's manifest precision; fp16 folders let TensorRT 10 pick fp16 kernels.
+    """
+
+    precision: str = "fp32"
+    name = "TensorrtExecutionProvider"
+
+    def for_graph(self, path: Path) -> tuple[str, dict]:
+        return self.name, tensorrt_options(Path(path), self.precision)
+
+
+def tensorrt_options(path: Path, precision: str) -> dict[str, str]:
+    """TensorRT EP provider options (ORT 1.31 names) for the graph at `path` = DIR/<stage>/<graph>.onnx.
+
+    Profile shapes use ORT's format "input:d0xd1,input2:d0xd1x..." and list every dynamic input
+    (ORT refuses a partial list). TensorRT 11 has no fp16 builder flag: use an fp16 export there
+    (`finers-rt export --precision fp16`); the PyPI onnxruntime-gpu TensorRT EP links TensorRT 10.
+    """
+    path = Path(path)
+    cache = path.parent / "trt_cache"
+    opts = {
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(cache),
+        "trt_engine_cache_prefix": path.stem,
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(cache),
+        "trt_fp16_enable": str(precision == "fp16"),
+        "trt_max_workspace_size": str(TRT_WORKSPACE_GB << 30),
+    }
+    profile = graph_profile(path.parent.parent, f"{path.parent.name}/{path.name}")
+    if profile:  # static graphs (the SAM2 encoder) need none
+        for i, key in enumerate(("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")):
+            opts[key] = ",".join(f"{name}:{'x'.join(map(str, s[i]))}" for name, s in profile.items())
+    return opts
+
+
+def providers_for(device: str, precision: str = "fp32") -> list:
+    """ORT providers for `device`; "tensorrt" is a `TensorrtEP` that `open_session` configures per graph.
+
+    precision: the engine folder's manifest precision.
+    """
     try:
-        return PROVIDERS[device]
+        providers = list(PROVIDERS[device])
     except KeyError:
         raise ValueError(f"ort device must be one of {sorted(PROVIDERS)}, got {device!r}") from None
+    if device == "tensorrt":
+        providers[0] = TensorrtEP(precision)
+    return providers
 
 
 def expected_digests(engine_dir: Path) -> dict[str, str]:
@@ -39,17 +90,34 @@ def expected_digests(engine_dir: Path) -> dict[str, str]:
     return digests
 
 
+def checked_providers(engine_dir: str | Path, device: str) -> tuple[list, dict]:
+    """(providers for `device`, manifest) after the manifest and precision checks every loader makes."""
+    engine_dir = Path(engine_dir)
+    manifest = load_manifest(engine_dir, expected_digests(engine_dir))
+    if manifest["precision"] == "fp16" and device == "cpu":
+        raise ValueError(f"{engine_dir} holds fp16 graphs, which need --device cuda or tensorrt; "
+                         "export fp32, int8 or int4 for the CPU")
+    return providers_for(device, manifest["precision"]), manifest
+
+
+def load_part(engine_dir: str | Path, part: str, device: str = "cpu"):
+    """(OrtGenerator for gse|lpr or OrtSAM2 for sam2, manifest): one stage of an engine folder
+    (what a Ray Serve stage replica loads), checked as the whole folder is."""
+    from .ort_sam2 import OrtSAM2
+    from .ort_vlm import OrtGenerator
+
+    providers, manifest = checked_providers(engine_dir, device)
+    cls = OrtSAM2 if part == "sam2" else OrtGenerator
+    return cls(Path(engine_dir) / part, providers=providers), manifest
+
+
 def load_ort(engine_dir: str | Path, device: str = "cpu"):
     """(gse Generator, lpr Generator, SAM2 predictor, manifest) from an exported engine folder."""
     from .ort_sam2 import OrtSAM2
     from .ort_vlm import OrtGenerator
 
     engine_dir = Path(engine_dir)
-    manifest = load_manifest(engine_dir, expected_digests(engine_dir))
-    providers = providers_for(device)
-    if manifest["precision"] == "fp16" and device == "cpu":
-        raise ValueError(f"{engine_dir} holds fp16 graphs, which need --device cuda or tensorrt; "
-                         "export fp32, int8 or int4 for the CPU")
+    providers, manifest = checked_providers(engine_dir, device)
     gse = OrtGenerator(engine_dir / "gse", providers=providers)
     lpr = OrtGenerator(engine_dir / "lpr", providers=providers)
     sam2 = OrtSAM2(engine_dir / "sam2", providers=providers)

@@ -10,30 +10,40 @@ from ..specs import GraphSpec
 EXPORT_HINT = "rebuild the engine folder with `finers-rt export --checkpoints CKPT --out DIR --overwrite`"
 
 
-def open_session(path: str | Path, providers: list[str] | None, spec: GraphSpec | None = None) -> ort.InferenceSession:
+def resolve_providers(providers: list, path: Path) -> list:
+    """Providers as ORT takes them (names or (name, options) pairs) for the graph at `path`.
+
+    An entry with `for_graph(path)` (e.g. `backends.ort.TensorrtEP`) gives its options for this
+    graph: the TensorRT EP's profile shapes and engine cache differ per graph.
+    """
+    return [p.for_graph(path) if hasattr(p, "for_graph") else p for p in providers]
+
+
+def open_session(path: str | Path, providers: list | None, spec: GraphSpec | None = None) -> ort.InferenceSession:
     """An InferenceSession that really runs on `providers`, with IO names matching `spec`.
 
     ORT drops a requested provider it does not have (or cannot load, e.g. CUDA without a GPU)
     with a warning and runs on the CPU; here that is an error naming the provider.
     """
     path = Path(path)
-    providers = list(providers or ["CPUExecutionProvider"])
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {EXPORT_HINT}")
+    providers = resolve_providers(list(providers or ["CPUExecutionProvider"]), path)
+    names = [p if isinstance(p, str) else p[0] for p in providers]
     available = ort.get_available_providers()
-    for name in providers:
+    for name in names:
         if name not in available:
             raise RuntimeError(f"ONNX Runtime provider {name} was requested for {path.name} but this "
                                f"onnxruntime build only has {available} (GPU providers: pip install "
                                f"'finers-rt[gpu]' in an environment without plain onnxruntime)")
     session = ort.InferenceSession(str(path), providers=providers)
     loaded = session.get_providers()
-    for name in providers:
+    for name in names:
         if name not in loaded:
             raise RuntimeError(f"ONNX Runtime provider {name} was requested for {path.name} but did not "
                                f"load (loaded: {loaded})")
     if spec is not None:
-        names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
-        if names != (spec.input_names, spec.output_names):
-            raise ValueError(f"{path} has IO {names}, expected {spec.input_names} -> {spec.output_names}: {EXPORT_HINT}")
+        io = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+        if io != (spec.input_names, spec.output_names):
+            raise ValueError(f"{path} has IO {io}, expected {spec.input_names} -> {spec.output_names}: {EXPORT_HINT}")
     return session

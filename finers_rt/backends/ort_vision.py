@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..host_parallel import HOST_THREADS
 from ..qwen_vision_host import VisionPreprocessConfig, vision_inputs
 from ..specs import VISION
 from .ort_session import open_session
@@ -19,21 +20,23 @@ class OrtVision:
 
     image: (H, W, 3) uint8 RGB at the stage input size (GSE 1920x1080, LPR 512x512); it is
     smart-resized here. `config` defaults to the stage folder beside the graph
-    (preprocessor_config.json + config.json).
+    (preprocessor_config.json + config.json). `host_threads`: threads for the resize and
+    normalise (byte-identical at any count, see `finers_rt.host_parallel`).
     """
 
     spec = VISION
 
     def __init__(self, onnx_path: str | Path, providers: list[str] | None = None,
-                 config: VisionPreprocessConfig | None = None):
+                 config: VisionPreprocessConfig | None = None, host_threads: int = HOST_THREADS):
         onnx_path = Path(onnx_path)
         self.config = config or VisionPreprocessConfig.from_checkpoint(onnx_path.parent)
         self.providers = list(providers or ["CPUExecutionProvider"])
+        self.host_threads = host_threads
         self.session = open_session(onnx_path, self.providers, VISION)
 
     def prepare(self, image: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, tuple[int, int, int]]:
         """Host side only: (feeds, reverse, grid), see `vision_inputs`."""
-        return vision_inputs(image, self.config)
+        return vision_inputs(image, self.config, self.host_threads)
 
     def run_prepared(self, feeds: dict[str, np.ndarray], reverse: np.ndarray) -> np.ndarray:
         (embeds,) = self.session.run(VISION.output_names, feeds)  # (N/4, out_hidden), window order
