@@ -20,7 +20,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-HOST_THREADS = int(os.environ.get("FINERS_RT_HOST_THREADS", min(4, os.cpu_count() or 1)))
+
+def _threads_from_env() -> int:
+    raw = os.environ.get("FINERS_RT_HOST_THREADS")
+    if raw is None:
+        return min(4, os.cpu_count() or 1)
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ValueError(f"FINERS_RT_HOST_THREADS must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
+HOST_THREADS = _threads_from_env()
 
 _pool: ThreadPoolExecutor | None = None
 # Bands thinner than this cost more in crop/paste overhead than they save (pixels per band).

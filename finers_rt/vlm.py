@@ -64,12 +64,16 @@ class VLMStage:
         self.generator = generator
         self.host_threads = host_threads  # >1: banded PIL resize, byte-identical (host_parallel)
 
-    def run(self, image: np.ndarray, question: str, task: str, options=None, forced_text=None):
-        """(H, W, 3) uint8 RGB at any size -> (Generation, resize ms)."""
+    def _prepare(self, image, question: str, task: str, options) -> tuple[np.ndarray, str, float]:
+        """Image (array or PIL, any size) -> (stage input at cfg.input_size, user text, ms spent)."""
         t0 = time.perf_counter()
         stage_input = resize_bilinear(image, self.cfg.input_size, self.host_threads)
         user_text = build_question(self.cfg.name, task, question, options)
-        resize_ms = (time.perf_counter() - t0) * 1e3
+        return stage_input, user_text, (time.perf_counter() - t0) * 1e3
+
+    def run(self, image: np.ndarray, question: str, task: str, options=None, forced_text=None):
+        """(H, W, 3) uint8 RGB or a PIL image, at any size -> (Generation, resize ms)."""
+        stage_input, user_text, resize_ms = self._prepare(image, question, task, options)
         gen = self.generator.generate(
             stage_input, user_text, max_new_tokens=self.cfg.max_new_tokens, forced_text=forced_text
         )
@@ -84,12 +88,7 @@ class VLMStage:
             return []
         if not hasattr(self.generator, "generate_batch"):
             return [self.run(*r) for r in requests]
-        inputs, texts, resize_ms = [], [], []
-        for image, question, task, opts, _ in requests:
-            t0 = time.perf_counter()
-            inputs.append(resize_bilinear(image, self.cfg.input_size, self.host_threads))
-            texts.append(build_question(self.cfg.name, task, question, opts))
-            resize_ms.append((time.perf_counter() - t0) * 1e3)
-        gens = self.generator.generate_batch(inputs, texts, max_new_tokens=self.cfg.max_new_tokens,
+        inputs, texts, resize_ms = zip(*(self._prepare(*r[:4]) for r in requests), strict=True)
+        gens = self.generator.generate_batch(list(inputs), list(texts), max_new_tokens=self.cfg.max_new_tokens,
                                              forced_texts=list(forced_texts))
         return list(zip(gens, resize_ms, strict=True))
