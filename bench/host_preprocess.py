@@ -3,8 +3,9 @@
 reference: PIL open + decode -> BILINEAR resize to 1920x1080 -> HF `Qwen2VLImageProcessorPil`
            (BICUBIC smart_resize, rescale, normalise, patchify), what the authors' pipeline ran;
 finers-rt: decode to a PIL image (no 4K numpy copy) -> banded BILINEAR + BICUBIC resizes on
-           `--threads` threads -> LUT normalise + patchify -> window/rotary indices for the graph
-           (`finers_rt.image.decode`, `image.resize_bilinear`, `qwen_vision_host.vision_inputs`).
+           `--threads` threads -> LUT normalise + patchify into a reused buffer, as `OrtVision`
+           does -> window/rotary indices for the graph (`finers_rt.image.decode`,
+           `image.resize_bilinear`, `qwen_vision_host.vision_inputs`).
 
 Checks that both give the same pixel_values (max abs diff must be 0.0) before timing, then runs
 them ABAB... and prints p50/p90 and the ratio, with versions, hardware and git SHA. Needs the
@@ -28,7 +29,7 @@ from finers_rt.bench_script import FRAME_SIZE, frame_jpeg
 from finers_rt.config import GSE
 from finers_rt.host_parallel import HOST_THREADS
 from finers_rt.image import decode, resize_bilinear
-from finers_rt.qwen_vision_host import VisionPreprocessConfig, vision_inputs
+from finers_rt.qwen_vision_host import PixelBuffer, VisionPreprocessConfig, vision_inputs
 
 
 def jpeg_bytes(path: Path | None) -> bytes:
@@ -42,10 +43,10 @@ def reference_host(data: bytes, processor) -> np.ndarray:
     return processor(images=[im], return_tensors="np")["pixel_values"]
 
 
-def finers_host(data: bytes, cfg: VisionPreprocessConfig, threads: int):
+def finers_host(data: bytes, cfg: VisionPreprocessConfig, threads: int, pixels: PixelBuffer):
     """(feeds, reverse, grid) for the vision graph: pixel_values in window order + indices."""
     stage_input = resize_bilinear(decode(data), GSE.input_size, threads)
-    return vision_inputs(stage_input, cfg, threads)
+    return vision_inputs(stage_input, cfg, threads, out=pixels)
 
 
 def main(argv=None) -> int:
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
     data = jpeg_bytes(args.image)
 
     ref = reference_host(data, processor)
-    feeds, reverse, grid = finers_host(data, cfg, args.threads)
+    pixels = PixelBuffer()
+    feeds, reverse, grid = finers_host(data, cfg, args.threads, pixels)
     # window order -> raster order: merge units (4 patch rows each) permuted by `reverse`
     ours = feeds["pixel_values"].reshape(-1, cfg.merge_size**2, ref.shape[1])[reverse].reshape(ref.shape)
     diff = float(np.abs(ours - ref).max())
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"pixel_values differ from the reference by {diff}: not timing a wrong path")
 
     sides = {"reference": lambda: reference_host(data, processor),
-             "finers-rt": lambda: finers_host(data, cfg, args.threads)}
+             "finers-rt": lambda: finers_host(data, cfg, args.threads, pixels)}
     times = {k: [] for k in sides}
     for i in range(args.warmup + args.runs):
         order = list(sides) if i % 2 == 0 else list(sides)[::-1]

@@ -19,8 +19,9 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..manifest import FORMAT_VERSION, hash_tree, write_manifest
-from ..specs import SAM2_DECODER, SAM2_ENCODER, VISION, decoder_spec_from_config
+from ..specs import DECODER_SPECS, SAM2_DECODER, SAM2_ENCODER, VISION
 from .onnx_decoder import export_decoder
+from .onnx_decoder_gqa import export_decoder_gqa
 from .onnx_sam2 import export_sam2
 from .onnx_vision import export_vision
 from .quantize import compare_with_fp32, quantize_weights, to_fp16
@@ -28,6 +29,7 @@ from .quantize import compare_with_fp32, quantize_weights, to_fp16
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")  # fp16: every graph, for GPU providers; int8/int4: decoders
+DECODER_EXPORTERS = {"onnx": export_decoder, "gqa": export_decoder_gqa}  # --decoder-attention
 OPSET = 18
 # Files a stage folder needs at run time besides the graphs (those a checkpoint has are copied).
 STAGE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
@@ -70,15 +72,26 @@ def _entry(spec_digest: str, report: dict) -> dict:
 
 
 def export_engines(checkpoints: Path, out: Path, *, precision: str = "fp32", overwrite: bool = False,
-                   sam2_config: str | None = None, progress: bool = True, vision_attention: str = "onnx") -> dict:
+                   sam2_config: str | None = None, progress: bool = True, vision_attention: str = "onnx",
+                   decoder_attention: str = "onnx") -> dict:
     """Export GSE, LPR and SAM2 from `checkpoints` (DIR/gse, DIR/lpr, DIR/sam2) into `out`.
 
     vision_attention: "onnx" (standard ops: every runtime, TensorRT included) or "ort" (the
     full-attention blocks as ORT's MultiHeadAttention: ~15 % faster GSE vision on the CPU at the
     bench shape, 7x less peak memory at 1080p; ONNX Runtime only, `finers-rt build` refuses it).
+    decoder_attention: "onnx" (standard ops, KV cache grown by Concat) or "gqa" (ORT's
+    GroupQueryAttention contrib op with a fixed-size KV cache written in place; ONNX Runtime only,
+    which is where decoders always run; `onnx_decoder_gqa`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {PRECISIONS} for ONNX export, got {precision!r}")
+    if decoder_attention not in DECODER_EXPORTERS:
+        raise ValueError(f"decoder_attention must be one of {sorted(DECODER_EXPORTERS)}, got {decoder_attention!r}")
+    if decoder_attention == "gqa" and precision == "fp16":
+        # to_fp16 keeps fp32 IO: Casts would sit between the bound cache and the op, so the cache
+        # could no longer be shared in place; an fp16-IO GQA graph is not written yet.
+        raise ValueError("--decoder-attention gqa is fp32/int8/int4 only: the fp16 conversion would cast "
+                         "its in-place KV cache out of place")
     checkpoints, out = Path(checkpoints).resolve(), Path(out)
     for sub in ("gse", "lpr", "sam2"):
         if not (checkpoints / sub).is_dir():
@@ -103,7 +116,7 @@ def export_engines(checkpoints: Path, out: Path, *, precision: str = "fp32", ove
             graphs[f"{stage}/vision.onnx"] = _entry(VISION.digest(), report)
         else:
             dec = out / stage / "decoder.onnx"
-            report = export_decoder(src, dec, opset=OPSET)
+            report = DECODER_EXPORTERS[decoder_attention](src, dec, opset=OPSET)
             if precision in ("int8", "int4"):
                 fp32 = dec.with_name("decoder.fp32.onnx")
                 dec.rename(fp32)
@@ -111,7 +124,7 @@ def export_engines(checkpoints: Path, out: Path, *, precision: str = "fp32", ove
                 drift = compare_with_fp32(fp32, dec, out / stage / "embed_tokens.npy")
                 fp32.unlink()
                 report = {**report, "quantized_matmuls": n, "vs_fp32": drift}
-            spec = decoder_spec_from_config(json.loads((src / "config.json").read_text()))
+            spec = DECODER_SPECS[decoder_attention](json.loads((src / "config.json").read_text()))
             graphs[f"{stage}/decoder.onnx"] = _entry(spec.digest(), report)
             for name in STAGE_FILES:
                 if (src / name).is_file():
@@ -126,6 +139,7 @@ def export_engines(checkpoints: Path, out: Path, *, precision: str = "fp32", ove
         "finers_rt": __version__,
         "precision": precision,
         "vision_attention": vision_attention,
+        "decoder_attention": decoder_attention,
         "opset": OPSET,
         "checkpoints": str(checkpoints),
         "sources": {s: hash_tree(checkpoints / s) for s in ("gse", "lpr", "sam2")},

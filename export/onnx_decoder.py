@@ -261,13 +261,33 @@ def compare(reference: list[np.ndarray], actual: list[np.ndarray], atol: float) 
     return {"max_abs_diff": max_diff, "mismatch_pct": mismatch, "argmax_equal": argmax_equal}
 
 
-def verify_decoder(model, out_path: Path, spec, *, steps: int = VERIFY_DECODE_STEPS) -> dict:
-    """Prefill (S = 300) + `steps` greedy decode steps: HF text model vs the ONNX graph in ORT."""
+def verify_decoder(model, out_path: Path, spec, *, steps: int = VERIFY_DECODE_STEPS, ort_steps=_ort_steps) -> dict:
+    """Prefill (S = 300) + `steps` greedy decode steps: HF text model vs the ONNX graph in ORT.
+
+    ort_steps(out_path, spec, feeds) -> logits per step: how this graph kind is run in ORT.
+    """
     table = model.model.language_model.embed_tokens.weight.detach()
     embeds, positions, delta = _verify_prompt(table.shape[1], table)
     reference, feeds = _torch_steps(model, embeds, positions, delta, steps)
-    report = compare(reference, _ort_steps(out_path, spec, feeds), spec.atol)
+    report = compare(reference, ort_steps(out_path, spec, feeds), spec.atol)
     report.update(prefill_len=int(embeds.shape[1]), decode_steps=steps, atol=spec.atol)
+    return report
+
+
+def save_embed_table(model, out_dir: Path) -> None:
+    """`embed_tokens.npy` (float32 [V, H]) beside the graph: the runtime looks tokens up on the host."""
+    table = model.model.language_model.embed_tokens.weight.detach().to(torch.float32).numpy()
+    np.save(Path(out_dir) / "embed_tokens.npy", table)
+
+
+def check_report(out_path: Path, spec, report: dict) -> dict:
+    """Log an export's verification report; raise RuntimeError when its logits are over the spec's atol."""
+    log.info("decoder %s (%s exporter): max abs diff %.3g, mismatch %.4f%% (atol %g), argmax equal %s",
+             out_path, report["exporter"], report["max_abs_diff"], report["mismatch_pct"], spec.atol,
+             report["argmax_equal"])
+    if report["max_abs_diff"] > spec.atol:
+        raise RuntimeError(f"{out_path}: logits differ from torch by {report['max_abs_diff']:.3g} > atol "
+                           f"{spec.atol} ({spec.tolerance_reason}); report {report}")
     return report
 
 
@@ -281,17 +301,11 @@ def export_decoder(checkpoint: Path, out_path: Path, *, opset: int = 18) -> dict
     out_path.parent.mkdir(parents=True, exist_ok=True)
     model = load_model(checkpoint)
     spec = spec_for(model)
-    table = model.model.language_model.embed_tokens.weight.detach().to(torch.float32).numpy()
-    np.save(out_path.parent / "embed_tokens.npy", table)  # [V, H]: host-side token lookup
+    save_embed_table(model, out_path.parent)
     t0 = time.perf_counter()
     exporter = _export(DecoderForExport(model).eval(), spec, out_path, opset)
     export_s = time.perf_counter() - t0
     _finish_io(out_path, spec)
     report = verify_decoder(model, out_path, spec)
     report.update(exporter=exporter, opset=opset, export_s=round(export_s, 1))
-    log.info("decoder %s (%s exporter): max abs diff %.3g, mismatch %.4f%% (atol %g), argmax equal %s",
-             out_path, exporter, report["max_abs_diff"], report["mismatch_pct"], spec.atol, report["argmax_equal"])
-    if report["max_abs_diff"] > spec.atol:
-        raise RuntimeError(f"{out_path}: logits differ from torch by {report['max_abs_diff']:.3g} > atol "
-                           f"{spec.atol} ({spec.tolerance_reason}); report {report}")
-    return report
+    return check_report(out_path, spec, report)

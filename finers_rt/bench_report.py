@@ -6,9 +6,9 @@ import datetime
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -53,23 +53,43 @@ def peak_rss_mib() -> float:
 
 
 def versions() -> dict[str, str | None]:
+    import onnxruntime as ort
+
     torch = sys.modules.get("torch")  # only if this process imported it (torch backend)
+    # The imported module's version: onnxruntime and onnxruntime-gpu install the same package, and
+    # the distribution metadata of a shadowed one would name the wrong build.
+    build = "gpu" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
     return {"finers_rt": __version__, "python": platform.python_version(),
-            "onnxruntime": _dist("onnxruntime"), "numpy": np.__version__,
+            "onnxruntime": f"{ort.__version__} ({build})", "numpy": np.__version__,
             "torch": getattr(torch, "__version__", None), "transformers": getattr(
                 sys.modules.get("transformers"), "__version__", None)}
 
 
-def _dist(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def hardware() -> dict:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu_model(), "cores": cores, "memory_gib": _mem_gib(), "machine": platform.machine()}
+    return {"cpu": cpu_model(), "cores": cores, "memory_gib": _mem_gib(), "machine": platform.machine(),
+            "gpus": gpus()}
+
+
+def gpus() -> list[str]:
+    """'name, driver D, M MiB' per NVIDIA GPU from nvidia-smi; [] where there is none."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    rows = [[f.strip() for f in line.split(",")] for line in out.stdout.splitlines() if line.count(",") == 2]
+    return [f"{name}, driver {driver}, {mib} MiB" for name, driver, mib in rows] if out.returncode == 0 else []
+
+
+def _where(row: dict) -> str:
+    """The hardware a configuration ran on, as the tables name it."""
+    hw = row["hardware"]
+    if row["device"] != "cpu" and hw.get("gpus"):
+        return f"{hw['gpus'][0].split(',')[0]} ({row['device']}), host {hw['cpu']} x{hw['cores']} cores"
+    return f"{hw['cpu']} x{hw['cores']} cores"
 
 
 def _mem_gib() -> float | None:
@@ -120,16 +140,14 @@ def format_stages(row: dict) -> str:
 
 def format_paper(rows: list[dict]) -> str:
     """The paper's A100 seconds beside each configuration's measured p50 seconds."""
-    hw = rows[0]["hardware"]
-    heads = ["paper: A100, 7B"] + [f"{r['label']}: {hw['cpu'] if r['device'] == 'cpu' else r['device']}"
-                                     for r in rows]
+    heads = ["paper: A100, 7B"] + [f"{r['label']}: {_where(r)}" for r in rows]
     lines = [f"{'seconds / image':<16}" + "".join(f"{h[:34]:>36}" for h in heads)]
     for g in PAPER_GROUPS:
         vals = [PAPER_A100_S[g]] + [r["paper_groups_ms"][g]["p50"] / 1e3 for r in rows]
         lines.append(f"{g:<16}" + "".join(f"{v:>36.3f}" for v in vals))
     lines.append(f"paper: {PAPER_SOURCE} (up to 1,024 generated tokens per stage). Measured: "
                  + "; ".join(f"{r['label']} = {r['model_summary']}, {r['tokens']['gse']}/{r['tokens']['lpr']} "
-                             f"tokens, {hw['cpu']} x{hw['cores']} cores" for r in rows))
+                             f"tokens, {_where(r)}" for r in rows))
     return "\n".join(lines)
 
 

@@ -68,7 +68,7 @@ def cmd_export(*, args) -> None:
 
     manifest = export_engines(Path(args.checkpoints), Path(args.out), precision=precision,
                               overwrite=args.overwrite, sam2_config=args.sam2_config,
-                              vision_attention=args.vision_attention)
+                              vision_attention=args.vision_attention, decoder_attention=args.decoder_attention)
     print(f"exported {len(manifest['graphs'])} graphs ({manifest['precision']}) to {args.out}; verification:")
     for name, g in manifest["graphs"].items():
         print(f"  {name:<26} vs torch: max abs diff {g['max_abs_diff']:.3g}, mismatch {g['mismatch_pct']:.3g} %")
@@ -256,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-attention", choices=["onnx", "ort"], default="onnx",
                    help="onnx (default): standard ops, TensorRT-buildable; ort: ORT's MultiHeadAttention "
                         "for the full-attention blocks (faster, less memory on CPU; ONNX Runtime only)")
+    p.add_argument("--decoder-attention", choices=["onnx", "gqa"], default="onnx",
+                   help="onnx (default): standard ops, KV cache grown by Concat; gqa: ORT's GroupQueryAttention "
+                        "contrib op (ONNX Runtime only) with a fixed-size KV cache written in place: faster "
+                        "prefill, no per-step cache copies (not with --precision fp16)")
     from .export.trtllm_engine import add_trtllm_export_args  # numpy-only module
 
     add_trtllm_export_args(p)  # --target onnx|trtllm-engine|trtllm, --no-build, --trtllm-examples, --calib-data
@@ -282,10 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench import add_bench_parser
     from .client import add_query_parser
+    from .export.trt_build import add_build_parser
     from .plan import add_plan_parser
     from .serve import add_serve_parser
-
-    from .export.trt_build import add_build_parser
 
     add_bench_parser(sub)
     add_build_parser(sub)

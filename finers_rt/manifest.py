@@ -36,6 +36,13 @@ def rebuild_command(manifest: dict, engine_dir: Path) -> str:
     return f"finers-rt export --checkpoints {src} --out {engine_dir} --precision {prec} --overwrite"
 
 
+def decoder_attention(engine_dir: Path) -> str:
+    """The folder's decoder graph kind, `specs.DECODER_SPECS` key: "onnx" or "gqa" (`finers-rt export
+    --decoder-attention`); "onnx" for folders without a manifest or from before the key existed."""
+    path = Path(engine_dir) / MANIFEST
+    return json.loads(path.read_text()).get("decoder_attention", "onnx") if path.is_file() else "onnx"
+
+
 def write_manifest(engine_dir: Path, manifest: dict) -> None:
     (Path(engine_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 

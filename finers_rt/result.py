@@ -7,11 +7,13 @@ import numpy as np
 
 # Per-stage timing keys, in pipeline order (milliseconds).
 TIMING_KEYS = (
-    "preprocess",  # decode the image + GSE input (BILINEAR 1920x1080, smart_resize, patchify)
+    # decode the image + GSE host work: BILINEAR 1920x1080, smart_resize, patchify, tokenise
+    # (ort/trt also: vision window indices, M-RoPE ids, embedding lookup + image merge)
+    "preprocess",
     "gse_vision",
     "gse_prefill",
     "gse_decode",
-    "region",  # GSE box -> crop + LPR input (BILINEAR 512x512, smart_resize, patchify)
+    "region",  # GSE box -> crop (+ R/B swap) + the same host work for LPR at 512x512
     "lpr_vision",
     "lpr_prefill",
     "lpr_decode",

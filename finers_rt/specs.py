@@ -114,12 +114,76 @@ def decoder_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int, voc
     )
 
 
-def decoder_spec_from_config(config: dict) -> GraphSpec:
-    """`decoder_spec` of a Qwen2.5-VL config.json (5.x nests the text fields in `text_config`)."""
+def _text_dims(config: dict) -> tuple[int, int, int, int, int]:
+    """(layers, kv_heads, head_dim, hidden, vocab) of a Qwen2.5-VL config.json (5.x nests the text
+    fields in `text_config`)."""
     text = {**config, **config.get("text_config", {})}
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-    return decoder_spec(text["num_hidden_layers"], text["num_key_value_heads"], head_dim,
-                        text["hidden_size"], text["vocab_size"])
+    return text["num_hidden_layers"], text["num_key_value_heads"], head_dim, text["hidden_size"], text["vocab_size"]
+
+
+def decoder_spec_from_config(config: dict) -> GraphSpec:
+    """`decoder_spec` of a Qwen2.5-VL config.json."""
+    return decoder_spec(*_text_dims(config))
+
+
+def decoder_gqa_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int) -> GraphSpec:
+    """The decoder graph with ORT's GroupQueryAttention and a fixed-size, in-place KV cache.
+
+    Written by `finers_rt.export.onnx_decoder_gqa.export_decoder_gqa`; read by backends/ort_decode.py.
+    Dims: batch B, seq S (new tokens this run), capacity C (KV slots per row, fixed for a generate).
+        inputs_embeds          float32 [B, S, H]   token embeddings, image features merged (host)
+        position_ids           int64   [3, B, S]   (t, h, w) M-RoPE positions (`qwen_rope`)
+        seqlens_k              int32   [B]         per row: tokens in the cache after this run - 1
+                                                   (prompt: its length - 1; decode: the cache index
+                                                   of the token fed now)
+        total_sequence_length  int32   []          max over rows of seqlens_k + 1; equal to S only on
+                                                   the first (prompt) run, which is how GQA tells a
+                                                   prompt from a decode step
+        last_index             int64   [B]         position in [0, S) whose logits each row returns
+                                                   (prompt: its length - 1; decode: 0)
+        past_key_i / past_value_i  float32 [B, KV, C, D]  post-RoPE keys / values; row b holds its
+                                                   tokens at slots 0..seqlens_k[b] (right padding)
+     -> logits                 float32 [B, V]      at last_index
+        present_key_i / present_value_i  float32 [B, KV, C, D]  bind the SAME OrtValue as the
+                                                   matching past_*: GQA then writes the new slots in
+                                                   place (slot seqlens_k[b] when decoding)
+    """
+    past, present = [], []
+    for i in range(num_layers):
+        for kind in ("key", "value"):
+            past.append(TensorSpec(f"past_{kind}_{i}", "float32", ("batch", kv_heads, "capacity", head_dim)))
+            present.append(TensorSpec(f"present_{kind}_{i}", "float32", ("batch", kv_heads, "capacity", head_dim)))
+    return GraphSpec(
+        name="decoder_gqa",
+        inputs=(
+            TensorSpec("inputs_embeds", "float32", ("batch", "seq", hidden)),
+            TensorSpec("position_ids", "int64", (3, "batch", "seq")),
+            TensorSpec("seqlens_k", "int32", ("batch",)),
+            TensorSpec("total_sequence_length", "int32", ()),
+            TensorSpec("last_index", "int64", ("batch",)),
+            *past,
+        ),
+        outputs=(TensorSpec("logits", "float32", ("batch", vocab)), *present),
+        # capacity = prompt + max new tokens: GSE ~2,700 + 1,024 (the same range as decoder_spec's total).
+        profiles={"batch": (1, 1, 8), "seq": (1, 1, 4096), "capacity": (1, 3073, 9216)},
+        atol=1e-3,
+        tolerance_reason=(
+            "fp32 reassociation (ORT's GQA kernel, SimplifiedLayerNormalization and MatMuls vs torch "
+            "SDPA) over every layer and the vocab-wide lm_head; measured 3e-7 (tiny) and 2.3e-6 (bench "
+            "size) on random checkpoints, real ones have logits ~30x larger; a wrong RoPE section, cache "
+            "slot or seqlens_k is off by >1e-2"
+        ),
+    )
+
+
+def decoder_gqa_spec_from_config(config: dict) -> GraphSpec:
+    """`decoder_gqa_spec` of a Qwen2.5-VL config.json."""
+    return decoder_gqa_spec(*_text_dims(config))
+
+
+# decoder_attention (the engine manifest's key, `finers-rt export --decoder-attention`) -> spec of a config.json
+DECODER_SPECS = {"onnx": decoder_spec_from_config, "gqa": decoder_gqa_spec_from_config}
 
 
 # Qwen2.5-VL vision tower with host-computed indices (export: finers_rt.export.onnx_vision,

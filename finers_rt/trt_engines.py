@@ -12,9 +12,16 @@ import json
 from pathlib import Path
 
 from .config import GSE, LPR
-from .manifest import StaleEngineError
+from .manifest import StaleEngineError, decoder_attention
 from .qwen_vision_host import VisionPreprocessConfig, vision_dims
-from .specs import SAM2_DECODER, SAM2_ENCODER, VISION, GraphSpec, decoder_spec_from_config, profile_shapes
+from .specs import (
+    DECODER_SPECS,
+    SAM2_DECODER,
+    SAM2_ENCODER,
+    VISION,
+    GraphSpec,
+    profile_shapes,
+)
 
 # The TensorRT releases this code is written against (docs and Python bindings read for both);
 # `build` accepts any 10.x / 11.x and records the exact version it ran in the manifest.
@@ -40,8 +47,9 @@ def graph_spec(engine_dir: Path, rel: str) -> GraphSpec:
     name = Path(rel).stem
     if name == "vision":
         return VISION
-    if name == "decoder":
-        return decoder_spec_from_config(json.loads((Path(engine_dir) / Path(rel).parent / "config.json").read_text()))
+    if name == "decoder":  # ORT-only graphs (decoders run on ORT CUDA); the TensorRT EP reads their profile
+        config = json.loads((Path(engine_dir) / Path(rel).parent / "config.json").read_text())
+        return DECODER_SPECS[decoder_attention(engine_dir)](config)
     specs = {"sam2_encoder": SAM2_ENCODER, "sam2_decoder": SAM2_DECODER}
     if name not in specs:
         raise ValueError(f"no graph spec for {rel}")

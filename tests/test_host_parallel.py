@@ -71,3 +71,73 @@ def test_threaded_pixel_values_and_vision_inputs_equal_single_threaded(vision_cf
     assert np.array_equal(rev1, rev4)
     for name in feeds1:
         assert np.array_equal(feeds1[name], feeds4[name]), name
+
+
+# --- normalise + patchify (qwen_vision_host._normalise_units) against HF's formula -------------
+
+
+def _hf_patches(resized: np.ndarray, cfg: VisionPreprocessConfig) -> np.ndarray:
+    """Independent reference: HF Qwen2VLImageProcessor's arithmetic, written out per pixel (rescale
+    in float64 then cast, normalise in float32, tile T frames, reshape + transpose into patches)."""
+    p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    x = (resized.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+    x = (x - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
+    x = np.tile(x.transpose(2, 0, 1)[None], (t, 1, 1, 1))  # (T, C, H, W)
+    gh, gw = resized.shape[0] // p, resized.shape[1] // p
+    x = x.reshape(1, t, 3, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gh * gw, 3 * t * p * p)
+
+
+# (patch, merge, temporal): Qwen2.5-VL's (14, 2, 2), then odd patches (single-pixel lookups),
+# a merge of 3 and other frame counts
+PATCH_CONFIGS = [(14, 2, 2), (7, 2, 2), (5, 3, 3), (14, 1, 1), (6, 2, 2)]
+
+
+@pytest.mark.parametrize("patch,merge,frames", PATCH_CONFIGS, ids=lambda v: str(v))
+@pytest.mark.parametrize("units", [(1, 1), (3, 7), (39, 69), (2, 130)], ids=lambda u: f"{u[0]}x{u[1]}")
+def test_patchify_equals_hf_formula_in_any_order(vision_cfg, patch, merge, frames, units):
+    """Raster and window order, 1-3 threads, fresh or reused output: bit-identical to HF's math.
+    39x69 units is GSE's 1932x1092; the others are odd grids (one unit, partial windows)."""
+    from dataclasses import replace
+
+    from finers_rt.qwen_vision_host import PixelBuffer, _normalise_units, window_index
+
+    cfg = replace(vision_cfg, patch_size=patch, merge_size=merge, temporal_patch_size=frames,
+                  window_size=patch * merge * 4)
+    f = patch * merge
+    resized = _textured(units[1] * f, units[0] * f, seed=patch + units[1])
+    expected = _hf_patches(resized, cfg).reshape(-1, merge * merge, 3 * frames * patch * patch)
+    raster = np.arange(units[0] * units[1])
+    window, _ = window_index((1, units[0] * merge, units[1] * merge), merge, 4)
+    buffer = PixelBuffer()
+    for order in (raster, window):
+        rows, cols = np.divmod(order, units[1])
+        want = expected[order].reshape(-1, expected.shape[2])
+        for threads in (1, 2, 3):
+            got = _normalise_units(resized, rows, cols, cfg, None, threads)
+            assert got.dtype == np.float32 and got.tobytes() == want.tobytes()
+            reused = _normalise_units(resized, rows, cols, cfg, buffer.get(want.shape), threads)
+            assert reused.tobytes() == want.tobytes()
+
+
+def test_vision_inputs_into_a_reused_buffer(vision_cfg):
+    """A PixelBuffer gives the same feeds as fresh arrays, writes into the same memory on the next
+    call of the same shape, and is per thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from finers_rt.qwen_vision_host import PixelBuffer
+
+    buffer = PixelBuffer()
+    for seed, (w, h) in enumerate([(517, 333), (517, 333), (512, 512)]):
+        image = _textured(w, h, seed)
+        fresh, rev1, grid1 = vision_inputs(image, vision_cfg, threads=2)
+        first = buffer.get(fresh["pixel_values"].shape) if seed == 1 else None
+        reused, rev2, grid2 = vision_inputs(image, vision_cfg, threads=2, out=buffer)
+        assert grid1 == grid2 and np.array_equal(rev1, rev2)
+        for name in fresh:
+            assert fresh[name].tobytes() == reused[name].tobytes(), name
+        if first is not None:
+            assert np.shares_memory(first, reused["pixel_values"])
+    mine = buffer.get((4, 8))
+    other = ThreadPoolExecutor(1).submit(buffer.get, (4, 8)).result()
+    assert buffer.get((4, 8)) is mine and not np.shares_memory(mine, other)

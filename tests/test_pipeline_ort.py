@@ -54,6 +54,28 @@ def test_greedy_tokens_identical_to_hf_generate(torch_pipe, ort_pipe, stage, siz
         assert len(ref.token_ids) == 64 or ref.token_ids[-1] in (151645, 151643)
 
 
+def test_prompt_embeddings_equal_table_lookup_then_image_merge(ort_pipe):
+    """`_embeds` skips the table rows the image overwrites: same bytes as looking every id up and
+    assigning the image rows over the <|image_pad|> ones."""
+    from finers_rt.config import IMAGE_PAD_ID
+
+    gen = ort_pipe.lpr.generator
+    image_embeds = np.random.default_rng(0).standard_normal((324, gen.decoder.table.shape[1])).astype(np.float32)
+    ids = gen._prompt_ids("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>the red car<|im_end|>", 324)
+    expected = gen.decoder.embed(ids)
+    expected[ids == IMAGE_PAD_ID] = image_embeds
+    assert gen._embeds(ids, image_embeds).tobytes() == expected.tobytes()
+
+
+def test_once_per_stage_graphs_stop_spinning(ort_pipe):
+    """Vision and SAM2 run once per stage: their ORT thread pools stop spinning when a run returns
+    (ORT's default keeps a core busy ~60 ms, while the next stage's host work wants it)."""
+    sessions = [ort_pipe.gse.generator.vision.session, ort_pipe.lpr.generator.vision.session,
+                ort_pipe.sam2.encoder, ort_pipe.sam2.decoder]
+    for session in sessions:
+        assert session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+
+
 def _forced(task, response):
     return {
         "gse": f"<think>t</think><answer>{{'bbox': [1700,900,1956,1156], 'response': '{response}'}}</answer>",

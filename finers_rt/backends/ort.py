@@ -8,8 +8,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..manifest import load_manifest
-from ..specs import SAM2_DECODER, SAM2_ENCODER, VISION, decoder_spec_from_config
+from ..manifest import decoder_attention, load_manifest
+from ..specs import DECODER_SPECS, SAM2_DECODER, SAM2_ENCODER, VISION
 from ..trt_engines import graph_profile
 
 # device -> ONNX Runtime providers, in priority order. The first one must load: a requested
@@ -78,13 +78,17 @@ def providers_for(device: str, precision: str = "fp32") -> list:
 
 
 def expected_digests(engine_dir: Path) -> dict[str, str]:
-    """{graph path: spec digest} this runtime expects, derived from the stage configs."""
+    """{graph path: spec digest} this runtime expects, derived from the stage configs and the
+    manifest's decoder_attention (an unknown kind gets no spec, so the folder is refused as stale)."""
     digests = {"sam2/sam2_encoder.onnx": SAM2_ENCODER.digest(), "sam2/sam2_decoder.onnx": SAM2_DECODER.digest()}
+    decoder_spec = DECODER_SPECS.get(decoder_attention(engine_dir))
     for stage in ("gse", "lpr"):
         cfg_path = Path(engine_dir) / stage / "config.json"
         digests[f"{stage}/vision.onnx"] = VISION.digest()
-        if cfg_path.is_file():
-            digests[f"{stage}/decoder.onnx"] = decoder_spec_from_config(json.loads(cfg_path.read_text())).digest()
+        if decoder_spec is None:
+            digests[f"{stage}/decoder.onnx"] = "unknown decoder_attention"
+        elif cfg_path.is_file():
+            digests[f"{stage}/decoder.onnx"] = decoder_spec(json.loads(cfg_path.read_text())).digest()
         else:
             digests[f"{stage}/decoder.onnx"] = "missing config.json"
     return digests
@@ -100,6 +104,14 @@ def checked_providers(engine_dir: str | Path, device: str) -> tuple[list, dict]:
     return providers_for(device, manifest["precision"]), manifest
 
 
+def batch_buckets(device: str) -> tuple[int, ...] | None:
+    """Batch sizes a batched decode may run: on a GPU only the buckets (one set of kernels / CUDA
+    graph per size, dummy rows fill up); on the CPU a dummy row is pure waste, so any size."""
+    from .ort_batch import BUCKETS
+
+    return None if device == "cpu" else BUCKETS
+
+
 def load_part(engine_dir: str | Path, part: str, device: str = "cpu"):
     """(OrtGenerator for gse|lpr or OrtSAM2 for sam2, manifest): one stage of an engine folder
     (what a Ray Serve stage replica loads), checked as the whole folder is."""
@@ -107,8 +119,9 @@ def load_part(engine_dir: str | Path, part: str, device: str = "cpu"):
     from .ort_vlm import OrtGenerator
 
     providers, manifest = checked_providers(engine_dir, device)
-    cls = OrtSAM2 if part == "sam2" else OrtGenerator
-    return cls(Path(engine_dir) / part, providers=providers), manifest
+    if part == "sam2":
+        return OrtSAM2(Path(engine_dir) / part, providers=providers), manifest
+    return OrtGenerator(Path(engine_dir) / part, providers=providers, batch_buckets=batch_buckets(device)), manifest
 
 
 def load_ort(engine_dir: str | Path, device: str = "cpu"):
@@ -118,7 +131,8 @@ def load_ort(engine_dir: str | Path, device: str = "cpu"):
 
     engine_dir = Path(engine_dir)
     providers, manifest = checked_providers(engine_dir, device)
-    gse = OrtGenerator(engine_dir / "gse", providers=providers)
-    lpr = OrtGenerator(engine_dir / "lpr", providers=providers)
+    buckets = batch_buckets(device)
+    gse = OrtGenerator(engine_dir / "gse", providers=providers, batch_buckets=buckets)
+    lpr = OrtGenerator(engine_dir / "lpr", providers=providers, batch_buckets=buckets)
     sam2 = OrtSAM2(engine_dir / "sam2", providers=providers)
     return gse, lpr, sam2, manifest

@@ -1,10 +1,11 @@
 """Batched greedy decoding over the exported decoder graph: B prompts of different lengths at once.
 
-Runs the same `decoder.onnx` as `OrtDecoder.greedy` (written by
-`finers_rt.export.onnx_decoder.export_decoder`, IO `finers_rt.specs.decoder_spec`); the graph takes
-any batch and a 0/1 attention mask, so nothing here needs a different export.
+Runs the same `decoder.onnx` as `OrtDecoder.greedy`: the standard graph (written by
+`finers_rt.export.onnx_decoder.export_decoder`, IO `finers_rt.specs.decoder_spec`) takes any batch
+and a 0/1 attention mask; the GQA graph (`finers_rt.export.onnx_decoder_gqa.export_decoder_gqa`, IO
+`finers_rt.specs.decoder_gqa_spec`) takes per-row lengths instead (see "GQA graph" below).
 
-Layout. Prompts are LEFT-padded to the longest one, L tokens: row r holds pad[r] padding slots, then
+Layout (standard graph). Prompts are LEFT-padded to the longest one, L tokens: row r holds pad[r] padding slots, then
 its S_r prompt tokens, so every row's last prompt token sits at cache index L-1 and the graph's
 last-position logits are every row's next-token logits. Padding slots get zero embeddings, mask 0
 and position 1 (any valid id: masked keys never reach a real row's softmax). Real rows see exactly
@@ -26,6 +27,16 @@ Buckets. With `buckets=(1, 2, 4, 8)` the batch is filled with dummy rows (all pa
 from the start) up to the next bucket size, so a GPU run sees only those batch sizes (one captured
 CUDA graph per bucket); shrinking then goes down bucket by bucket (8 -> 4 -> 2 -> 1), finished rows
 filling a bucket. Off by default: on the CPU a dummy row is pure waste.
+
+GQA graph. Prompts are RIGHT-padded to the longest, L tokens: row r holds its S_r tokens at cache
+slots [0, S_r), then padding (zero embeddings, position PAD_POSITION) that GroupQueryAttention never
+lets a real query see (seqlens_k[r] = S_r - 1, causal). Decode step t writes row r's token at slot
+S_r + t - 1 (over the padding), position S_r + t - 1 + rope_delta[r]: every row steps at its own
+length, exactly as its batch-1 run. The KV cache is fixed-size ([rows, KV, L + max_new_tokens, D])
+and written in place (`ort_decode_gqa.GqaSteps`), so the batch keeps its shape to the end: finished
+rows keep stepping (fed the pad id, their output frozen) and `shrink` does not apply; dropping rows
+would mean copying the cache into a smaller buffer, which is the per-step cost this graph avoids.
+Bucket dummy rows are one padding slot long.
 """
 from __future__ import annotations
 
@@ -99,6 +110,39 @@ def left_pad(prompts: list[Prompt], rows: int, max_new_tokens: int) -> LeftPadde
         mask[r, :pad] = 0
         offsets[r] = p.rope_delta - pad
     return LeftPadded(embeds, positions, mask, offsets)
+
+
+@dataclass
+class RightPadded:
+    """Prefill inputs of a right-padded batch for the GQA graph (real prompts first, then dummies).
+
+    embeds [rows, L, H] float32; position_ids [3, rows, L] int64; lengths (rows,) int32 real tokens
+    per row (a dummy row: 1 padding slot); rope_deltas (rows,) int64.
+    """
+
+    embeds: np.ndarray
+    position_ids: np.ndarray
+    lengths: np.ndarray
+    rope_deltas: np.ndarray
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[1]
+
+
+def right_pad(prompts: list[Prompt], rows: int) -> RightPadded:
+    """Stack `prompts` right-padded to the longest; rows beyond len(prompts) are one padding slot."""
+    length = max(p.embeds.shape[0] for p in prompts)
+    embeds = np.zeros((rows, length, prompts[0].embeds.shape[1]), np.float32)
+    positions = np.full((3, rows, length), PAD_POSITION, np.int64)
+    lengths = np.ones(rows, np.int32)
+    deltas = np.zeros(rows, np.int64)
+    for r, p in enumerate(prompts):
+        n = p.embeds.shape[0]
+        embeds[r, :n] = p.embeds
+        positions[:, r, :n] = p.position_ids[:, 0]
+        lengths[r], deltas[r] = n, p.rope_delta
+    return RightPadded(embeds, positions, lengths, deltas)
 
 
 class _Rows:
@@ -217,12 +261,14 @@ def greedy_batch(
 
     buckets: run only these batch sizes (dummy rows fill up); None runs len(prompts) rows.
     shrink: drop finished rows from the batch (down to the next bucket when buckets are set);
-    False keeps the batch shape fixed to the end. Returns (new token ids per prompt,
+    False keeps the batch shape fixed to the end. The GQA graph always keeps it (module docstring). Returns (new token ids per prompt,
     {"prefill": ms, "decode": ms, "rows": rows at prefill, "shrinks": batch shrinks}); the times
     are the whole batch's. Stop ids are included, like HF generate.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if decoder.gqa:
+        return _greedy_batch_gqa(decoder, prompts, max_new_tokens, stop_ids, buckets)
     rows = bucket_rows(len(prompts), buckets)
     batch = left_pad(prompts, rows, max_new_tokens)
     state = _Rows(prompts, rows, max_new_tokens, stop_ids)
@@ -241,3 +287,23 @@ def greedy_batch(
         step += 1
     t2 = time.perf_counter()
     return state.ids, {"prefill": (t1 - t0) * 1e3, "decode": (t2 - t1) * 1e3, "rows": rows, "shrinks": shrinks}
+
+
+def _greedy_batch_gqa(decoder: OrtDecoder, prompts: list[Prompt], max_new_tokens: int, stop_ids,
+                      buckets: tuple[int, ...] | None) -> tuple[list[list[int]], dict[str, float]]:
+    """`greedy_batch` on the GQA graph: right padding, fixed buffers, finished rows keep stepping."""
+    rows = bucket_rows(len(prompts), buckets)
+    batch = right_pad(prompts, rows)
+    state = _Rows(prompts, rows, max_new_tokens, stop_ids)
+    steps = decoder.gqa_steps(rows, batch.length + max_new_tokens)
+    live = np.arange(rows)
+
+    t0 = time.perf_counter()
+    state.pick(steps.prefill(batch.embeds, batch.position_ids, batch.lengths, batch.rope_deltas), 0, live)
+    t1 = time.perf_counter()
+    step = 1
+    while not state.done:  # every row stops by max_new_tokens at the latest
+        state.pick(steps.step(state.next_ids, step), step, live)
+        step += 1
+    t2 = time.perf_counter()
+    return state.ids, {"prefill": (t1 - t0) * 1e3, "decode": (t2 - t1) * 1e3, "rows": rows, "shrinks": 0}

@@ -1,13 +1,17 @@
 """Greedy decoding over the exported decoder graph with ONNX Runtime IO binding (numpy + ORT only).
 
-Reads `decoder.onnx` + `embed_tokens.npy`, both written by
-`finers_rt.export.onnx_decoder.export_decoder` (IO: `finers_rt.specs.decoder_spec`).
+Reads `decoder.onnx` + `embed_tokens.npy`, written by `finers_rt.export.onnx_decoder.export_decoder`
+(IO: `finers_rt.specs.decoder_spec`) or by `finers_rt.export.onnx_decoder_gqa.export_decoder_gqa`
+(IO: `finers_rt.specs.decoder_gqa_spec`); the graph kind is told by its inputs (`seqlens_k`).
 
-The loop keeps the KV cache inside ONNX Runtime: the `present_*` OrtValues of step t are bound as
-the `past_*` inputs of step t+1 (never copied through numpy; on a GPU provider they stay on the
-device). Per decode step the host writes one embedding row and one position into preallocated
-buffers, re-binds the attention mask (a growing view of one preallocated row of ones) and reads
-the sampled id from a preallocated logits buffer.
+Standard graph: the loop keeps the KV cache inside ONNX Runtime: the `present_*` OrtValues of step
+t are bound as the `past_*` inputs of step t+1 (never copied through numpy; on a GPU provider they
+stay on the device). Per decode step the host writes one embedding row and one position into
+preallocated buffers, re-binds the attention mask (a growing view of one preallocated row of ones)
+and reads the sampled id from a preallocated logits buffer.
+
+GQA graph: a fixed-size KV cache written in place and every step buffer bound once
+(`ort_decode_gqa.GqaSteps`): no binding and no allocation per decode step.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import onnxruntime as ort
 
 from ..config import ENDOFTEXT_ID, IM_END_ID
 from ..qwen_rope import decode_position_ids
+from .ort_decode_gqa import GqaSteps, KVCache
 from .ort_session import open_session
 
 STOP_IDS = (IM_END_ID, ENDOFTEXT_ID)
@@ -37,8 +42,19 @@ class OrtDecoder:
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_")]
         self.present_names = [n.replace("past_", "present_", 1) for n in self.past_names]
-        _, self.kv_heads, _, self.head_dim = inputs[self.past_names[0]].shape  # [B, KV, P, D]
+        _, self.kv_heads, _, self.head_dim = inputs[self.past_names[0]].shape  # [B, KV, P or capacity, D]
         self.vocab = self.session.get_outputs()[0].shape[1]  # logits [B, V]
+        self.gqa = "seqlens_k" in inputs  # GroupQueryAttention graph: fixed-size in-place KV cache
+        self.kv_cache = KVCache(self.past_names, self.kv_heads, self.head_dim, self.device) if self.gqa else None
+        if self.gqa and self.device != "cpu" and inputs[self.past_names[0]].type == "tensor(float)":
+            raise ValueError(f"{onnx_path}: a float32 GQA decoder cannot run on {self.device}: ONNX Runtime's CUDA "
+                             "GroupQueryAttention is float16/bfloat16 only, so its attention would run on the CPU "
+                             "(measured 2.3x slower on an H100); export the standard decoder for GPUs "
+                             "(`finers-rt export --decoder-attention onnx`)")
+
+    def gqa_steps(self, rows: int, capacity: int) -> GqaSteps:
+        """Step state (fixed buffers bound once) for `rows` rows reaching `capacity` KV slots."""
+        return GqaSteps(self, rows, capacity)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """(S,) token ids -> (S, H) float32 embeddings (a writable copy: image rows go in after)."""
@@ -79,6 +95,8 @@ class OrtDecoder:
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if self.gqa:
+            return self._greedy_gqa(inputs_embeds, position_ids, rope_delta, max_new_tokens, set(stop_ids), forced_ids)
         seq = inputs_embeds.shape[0]
         io = self.session.io_binding()
         logits = np.empty((1, self.vocab), np.float32)  # bound output buffer, reused every step
@@ -103,6 +121,20 @@ class OrtDecoder:
             step_pos.fill(cache_pos + rope_delta)
             io.bind_input("attention_mask", "cpu", 0, np.int64, [1, cache_pos + 1], mask.ctypes.data)
             past = self._run(io, past, logits)
+            ids.append(self._pick(logits, forced_ids, len(ids)))
+        t2 = time.perf_counter()
+        return ids, {"prefill": (t1 - t0) * 1e3, "decode": (t2 - t1) * 1e3}
+
+    def _greedy_gqa(self, inputs_embeds, position_ids, rope_delta, max_new_tokens, stop_ids, forced_ids):
+        """`greedy` on the GQA graph: KV capacity = prompt + max_new_tokens, buffers bound once."""
+        seq = inputs_embeds.shape[0]
+        steps = self.gqa_steps(1, seq + max_new_tokens)
+        t0 = time.perf_counter()
+        logits = steps.prefill(inputs_embeds[None], position_ids, np.array([seq]), np.array([rope_delta]))
+        ids = [self._pick(logits, forced_ids, 0)]
+        t1 = time.perf_counter()
+        while ids[-1] not in stop_ids and len(ids) < max_new_tokens:
+            logits = steps.step(ids[-1:], len(ids))  # the last id, at cache slot seq + len(ids) - 1
             ids.append(self._pick(logits, forced_ids, len(ids)))
         t2 = time.perf_counter()
         return ids, {"prefill": (t1 - t0) * 1e3, "decode": (t2 - t1) * 1e3}

@@ -1,6 +1,7 @@
 """The one place ONNX Runtime sessions are created: providers checked, IO names checked."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import onnxruntime as ort
@@ -8,6 +9,18 @@ import onnxruntime as ort
 from ..specs import GraphSpec
 
 EXPORT_HINT = "rebuild the engine folder with `finers-rt export --checkpoints CKPT --out DIR --overwrite`"
+
+
+GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+
+
+@functools.cache
+def _preload_gpu_libraries() -> None:
+    """Load the CUDA / cuDNN libraries of pip's nvidia-* packages (`onnxruntime-gpu[cuda,cudnn]`)
+    before the first GPU session: they are not on the loader's path, and without them ORT's CUDA
+    provider fails to load. Libraries already loadable (system CUDA, LD_LIBRARY_PATH) are used."""
+    if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21
+        ort.preload_dlls()
 
 
 def resolve_providers(providers: list, path: Path) -> list:
@@ -19,24 +32,34 @@ def resolve_providers(providers: list, path: Path) -> list:
     return [p.for_graph(path) if hasattr(p, "for_graph") else p for p in providers]
 
 
-def open_session(path: str | Path, providers: list | None, spec: GraphSpec | None = None) -> ort.InferenceSession:
+def open_session(path: str | Path, providers: list | None, spec: GraphSpec | None = None, *,
+                 stop_spinning: bool = False) -> ort.InferenceSession:
     """An InferenceSession that really runs on `providers`, with IO names matching `spec`.
 
     ORT drops a requested provider it does not have (or cannot load, e.g. CUDA without a GPU)
     with a warning and runs on the CPU; here that is an error naming the provider.
+
+    stop_spinning: for graphs run once per stage (vision, SAM2). By default ORT's CPU worker
+    threads keep spinning ~60 ms after a run returns, holding a core the host work that follows
+    (the next stage's resizes) needs; this stops them when the run ends. Results are unchanged.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {EXPORT_HINT}")
     providers = resolve_providers(list(providers or ["CPUExecutionProvider"]), path)
     names = [p if isinstance(p, str) else p[0] for p in providers]
+    if set(names) & GPU_PROVIDERS:
+        _preload_gpu_libraries()
     available = ort.get_available_providers()
     for name in names:
         if name not in available:
             raise RuntimeError(f"ONNX Runtime provider {name} was requested for {path.name} but this "
                                f"onnxruntime build only has {available} (GPU providers: pip install "
                                f"'finers-rt[gpu]' in an environment without plain onnxruntime)")
-    session = ort.InferenceSession(str(path), providers=providers)
+    options = ort.SessionOptions()
+    if stop_spinning:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    session = ort.InferenceSession(str(path), options, providers=providers)
     loaded = session.get_providers()
     for name in names:
         if name not in loaded:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..host_parallel import HOST_THREADS
-from ..qwen_vision_host import VisionPreprocessConfig, vision_inputs
+from ..qwen_vision_host import PixelBuffer, VisionPreprocessConfig, vision_inputs
 from ..specs import VISION
 from .ort_session import open_session
 
@@ -22,6 +22,9 @@ class OrtVision:
     smart-resized here. `config` defaults to the stage folder beside the graph
     (preprocessor_config.json + config.json). `host_threads`: threads for the resize and
     normalise (byte-identical at any count, see `finers_rt.host_parallel`).
+
+    `prepare` writes pixel_values into memory this OrtVision reuses (one buffer per thread), so
+    run the feeds (`run_prepared`) before preparing the next image on the same thread.
     """
 
     spec = VISION
@@ -32,11 +35,12 @@ class OrtVision:
         self.config = config or VisionPreprocessConfig.from_checkpoint(onnx_path.parent)
         self.providers = list(providers or ["CPUExecutionProvider"])
         self.host_threads = host_threads
-        self.session = open_session(onnx_path, self.providers, VISION)
+        self.pixels = PixelBuffer()
+        self.session = open_session(onnx_path, self.providers, VISION, stop_spinning=True)
 
     def prepare(self, image: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, tuple[int, int, int]]:
         """Host side only: (feeds, reverse, grid), see `vision_inputs`."""
-        return vision_inputs(image, self.config, self.host_threads)
+        return vision_inputs(image, self.config, self.host_threads, out=self.pixels)
 
     def run_prepared(self, feeds: dict[str, np.ndarray], reverse: np.ndarray) -> np.ndarray:
         (embeds,) = self.session.run(VISION.output_names, feeds)  # (N/4, out_hidden), window order

@@ -48,6 +48,18 @@ class OrtGenerator:
             raise ValueError(f"the prompt must hold exactly one <|image_pad|>, found {len(pos)}")
         return np.concatenate([ids[: pos[0]], np.full(n_image_tokens, IMAGE_PAD_ID, np.int64), ids[pos[0] + 1:]])
 
+    def _embeds(self, ids: np.ndarray, image_embeds: np.ndarray) -> np.ndarray:
+        """(S, H) float32 prompt embeddings: host table rows for the text tokens, the vision tower's
+        rows for the one contiguous <|image_pad|> block `_prompt_ids` wrote (its table rows, which
+        the image would overwrite, are never read)."""
+        start = int(np.argmax(ids == IMAGE_PAD_ID))
+        stop = start + len(image_embeds)
+        embeds = np.empty((len(ids), self.decoder.table.shape[1]), np.float32)
+        embeds[:start] = self.decoder.embed(ids[:start])
+        embeds[start:stop] = image_embeds
+        embeds[stop:] = self.decoder.embed(ids[stop:])
+        return embeds
+
     def _prepare(self, image: np.ndarray, user_text: str, forced_text: str | None) -> tuple[str, Prompt, dict]:
         """Host work + vision for one prompt: (chat text, decoder Prompt, {"preprocess", "vision"} ms)."""
         t0 = time.perf_counter()
@@ -58,8 +70,7 @@ class OrtGenerator:
         t2 = time.perf_counter()
         ids = self._prompt_ids(prompt, image_embeds.shape[0])
         position_ids, rope_delta = rope_index(ids, np.asarray([grid], dtype=np.int64))
-        embeds = self.decoder.embed(ids)  # (S, H) float32, host lookup
-        embeds[ids == IMAGE_PAD_ID] = image_embeds
+        embeds = self._embeds(ids, image_embeds)
         forced = None
         if forced_text is not None:
             forced = self.tokenizer.encode(forced_text, add_special_tokens=False).ids

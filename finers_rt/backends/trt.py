@@ -14,7 +14,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..manifest import load_manifest
-from ..qwen_vision_host import VisionPreprocessConfig
+from ..qwen_vision_host import PixelBuffer, VisionPreprocessConfig
 from ..sam2_host import preprocess_image, prompt_inputs
 from ..specs import SAM2_DECODER, SAM2_ENCODER, VISION
 from ..trt_engines import build_command, check_trt_section
@@ -35,6 +35,7 @@ class TrtVision(OrtVision):
     def __init__(self, engine_path: str | Path, config: VisionPreprocessConfig, *, rebuild: str = "",
                  host_threads: int = 1):
         self.config, self.host_threads = config, host_threads
+        self.pixels = PixelBuffer()
         self.graph = TrtGraph(engine_path, VISION, rebuild=rebuild)
 
     def run_prepared(self, feeds: dict[str, np.ndarray], reverse: np.ndarray) -> np.ndarray:
