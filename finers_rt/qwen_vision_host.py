@@ -179,10 +179,11 @@ class PixelBuffer:
     """A pixel_values buffer reused call after call, one per thread.
 
     `get(shape)` returns the same float32 array for the same shape on the same thread (another
-    shape replaces it). Why: a fresh GSE array (50 MB) is page-faulted in on its first write, which
-    cost 10-40 ms of kernel time per image inside the pipeline. The array is overwritten by the next
-    `vision_inputs` given this buffer, so its owner runs the graph on the feeds first
-    (`OrtVision.prepare` then `run_prepared`).
+    shape replaces it). Why: a fresh GSE array (50 MB) is page-faulted in on its first write: ~8 ms
+    standalone, 40-85 ms of kernel time per image measured inside the pipeline (2-core VM, after
+    the vision graph's large frees). The array is overwritten by the next `vision_inputs` given
+    this buffer, so its owner runs the graph on the feeds first (`OrtVision.prepare` then
+    `run_prepared`).
     """
 
     def __init__(self):
