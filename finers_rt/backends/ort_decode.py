@@ -52,10 +52,6 @@ class OrtDecoder:
                              "(measured 2.3x slower on an H100); export the standard decoder for GPUs "
                              "(`finers-rt export --decoder-attention onnx`)")
 
-    def gqa_steps(self, rows: int, capacity: int) -> GqaSteps:
-        """Step state (fixed buffers bound once) for `rows` rows reaching `capacity` KV slots."""
-        return GqaSteps(self, rows, capacity)
-
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """(S,) token ids -> (S, H) float32 embeddings (a writable copy: image rows go in after)."""
         return np.array(self.table[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
@@ -128,7 +124,7 @@ class OrtDecoder:
     def _greedy_gqa(self, inputs_embeds, position_ids, rope_delta, max_new_tokens, stop_ids, forced_ids):
         """`greedy` on the GQA graph: KV capacity = prompt + max_new_tokens, buffers bound once."""
         seq = inputs_embeds.shape[0]
-        steps = self.gqa_steps(1, seq + max_new_tokens)
+        steps = GqaSteps(self, 1, seq + max_new_tokens)
         t0 = time.perf_counter()
         logits = steps.prefill(inputs_embeds[None], position_ids, np.array([seq]), np.array([rope_delta]))
         ids = [self._pick(logits, forced_ids, 0)]
