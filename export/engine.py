@@ -31,6 +31,26 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8", "int4")  # fp16: every graph, for GPU providers; int8/int4: decoders
 DECODER_EXPORTERS = {"onnx": export_decoder, "gqa": export_decoder_gqa}  # --decoder-attention
 OPSET = 18
+# Graph kinds (vision_attention, decoder_attention) per device the folder is exported for, when
+# `--vision-attention` / `--decoder-attention` are not given (`finers-rt export --device`).
+# cpu (the embedded default): ORT's fused contrib ops, the fastest measured on the CPU provider:
+#   flash-attention MultiHeadAttention in the vision tower's full-attention blocks (bench shape:
+#   GSE vision 2.5 vs 3.1 s, no 1.9 GB score tensor) and GroupQueryAttention with an in-place KV
+#   cache (GSE prefill 0.66 vs 0.93 s).
+# cuda: standard ops, what ran on the H100: TensorRT parses only those, and ORT's CUDA
+#   GroupQueryAttention is float16/bfloat16 only (an fp32 GQA decoder is refused on CUDA).
+EXPORT_DEVICES = {"cpu": ("ort", "gqa"), "cuda": ("onnx", "onnx")}
+
+
+def graph_kinds(device: str | None, precision: str, vision_attention: str | None = None,
+                decoder_attention: str | None = None) -> tuple[str, str]:
+    """(vision_attention, decoder_attention) for an export: the explicit choices, else the
+    device's defaults. device None: cuda for fp16 (GPU providers only), else cpu."""
+    device = device or ("cuda" if precision == "fp16" else "cpu")
+    if device not in EXPORT_DEVICES:
+        raise ValueError(f"--device must be one of {sorted(EXPORT_DEVICES)}, got {device!r}")
+    vision, decoder = EXPORT_DEVICES[device]
+    return vision_attention or vision, decoder_attention or decoder
 # Files a stage folder needs at run time besides the graphs (those a checkpoint has are copied).
 STAGE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
                "generation_config.json", "chat_template.json")

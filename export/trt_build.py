@@ -132,7 +132,7 @@ def build_engines(engine_dir: Path, *, precision: str = BUILD_DEFAULTS["precisio
     if manifest.get("vision_attention", "onnx") != "onnx":  # com.microsoft ops: TensorRT cannot parse them
         raise ValueError(f"{engine_dir} was exported with --vision-attention {manifest['vision_attention']} "
                          f"(ONNX Runtime contrib ops); TensorRT needs standard ops: re-export with "
-                         f"`finers-rt export --checkpoints {manifest.get('checkpoints', 'CKPT')} --out DIR`")
+                         f"`finers-rt export --checkpoints {manifest.get('checkpoints', 'CKPT')} --out DIR --device cuda`")
     major, gpu = tensorrt_major(trt.__version__), device_info()
     check_precision(precision, major, gpu["sm"], manifest["precision"])
     if max_batch != 1 and not any("batch" in graph_spec(engine_dir, rel).profiles for rel in TRT_GRAPHS):

@@ -64,12 +64,14 @@ def cmd_export(*, args) -> None:
     if precision not in ONNX_PRECISIONS:
         raise ValueError(f"--precision {precision} is for --target trtllm-engine|trtllm; "
                          f"--target onnx takes {'|'.join(ONNX_PRECISIONS)}")
-    from .export.engine import export_engines
+    from .export.engine import export_engines, graph_kinds
 
+    vision, decoder = graph_kinds(args.device, precision, args.vision_attention, args.decoder_attention)
     manifest = export_engines(Path(args.checkpoints), Path(args.out), precision=precision,
                               overwrite=args.overwrite, sam2_config=args.sam2_config,
-                              vision_attention=args.vision_attention, decoder_attention=args.decoder_attention)
-    print(f"exported {len(manifest['graphs'])} graphs ({manifest['precision']}) to {args.out}; verification:")
+                              vision_attention=vision, decoder_attention=decoder)
+    print(f"exported {len(manifest['graphs'])} graphs ({manifest['precision']}, vision attention {vision}, "
+          f"decoder attention {decoder}) to {args.out}; verification:")
     for name, g in manifest["graphs"].items():
         print(f"  {name:<26} vs torch: max abs diff {g['max_abs_diff']:.3g}, mismatch {g['mismatch_pct']:.3g} %")
 
@@ -151,19 +153,20 @@ def _ensure_tiny(path: Path, seed: int = 0, size: str = "tiny") -> Path:
     return path
 
 
-def _ensure_engines(ckpts: Path, out: Path) -> Path:
-    """Export `ckpts` to `out` unless an fp32 export of exactly these checkpoints is there."""
+def _ensure_engines(ckpts: Path, out: Path, device: str) -> Path:
+    """Export `ckpts` to `out` for `device` unless such an fp32 export of exactly these checkpoints is there."""
+    from .export.engine import export_engines, graph_kinds
     from .manifest import MANIFEST, hash_tree
 
+    vision, decoder = graph_kinds("cpu" if device == "cpu" else "cuda", "fp32")
     meta = out / MANIFEST
     if meta.is_file():
         m = json.loads(meta.read_text())
-        if m.get("precision") == "fp32" and m.get("sources") == {s: hash_tree(ckpts / s) for s in ("gse", "lpr", "sam2")}:
+        if ((m.get("precision"), m.get("vision_attention"), m.get("decoder_attention")) == ("fp32", vision, decoder)
+                and m.get("sources") == {s: hash_tree(ckpts / s) for s in ("gse", "lpr", "sam2")}):
             return out
-    from .export.engine import export_engines
-
     print(f"exporting the tiny checkpoints to ONNX in {out} (each graph is verified against torch) ...")
-    manifest = export_engines(ckpts, out, overwrite=True)
+    manifest = export_engines(ckpts, out, overwrite=True, vision_attention=vision, decoder_attention=decoder)
     for name, g in manifest["graphs"].items():
         print(f"  {name:<26} vs torch: max abs diff {g['max_abs_diff']:.3g}, mismatch {g['mismatch_pct']:.3g} %")
     return out
@@ -182,7 +185,7 @@ def cmd_demo(*, args) -> None:
     sample = load_annotations(ann, work / "synth" / "images")[0]
     args.checkpoints, args.engines = ckpts, None
     if (args.backend or "ort") == "ort":
-        args.backend, args.engines = "ort", _ensure_engines(ckpts, work / "engines")
+        args.backend, args.engines = "ort", _ensure_engines(ckpts, work / "engines", args.device)
     pipeline = _load_pipeline(args)
     image = load_image(sample.image_path)
     h, w = image.shape[:2]
@@ -253,13 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "trtllm: bf16 (default) | fp16 | fp8 | int4-awq")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--sam2-config", default=None)
-    p.add_argument("--vision-attention", choices=["onnx", "ort"], default="onnx",
-                   help="onnx (default): standard ops, TensorRT-buildable; ort: ORT's MultiHeadAttention "
-                        "for the full-attention blocks (faster, less memory on CPU; ONNX Runtime only)")
-    p.add_argument("--decoder-attention", choices=["onnx", "gqa"], default="onnx",
-                   help="onnx (default): standard ops, KV cache grown by Concat; gqa: ORT's GroupQueryAttention "
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="where the folder will run; picks the graph kinds below when they are not given: "
+                        "cpu (default; cuda for --precision fp16): --vision-attention ort --decoder-attention gqa; "
+                        "cuda: onnx / onnx (standard ops: ORT CUDA and `finers-rt build` for TensorRT)")
+    p.add_argument("--vision-attention", choices=["onnx", "ort"], default=None,
+                   help="onnx: standard ops, TensorRT-buildable; ort: ORT's MultiHeadAttention (flash attention) "
+                        "for the full-attention blocks (faster, 7x less memory on CPU; ONNX Runtime only)")
+    p.add_argument("--decoder-attention", choices=["onnx", "gqa"], default=None,
+                   help="onnx: standard ops, KV cache grown by Concat; gqa: ORT's GroupQueryAttention "
                         "contrib op (ONNX Runtime only) with a fixed-size KV cache written in place: faster "
-                        "prefill, no per-step cache copies (not with --precision fp16)")
+                        "prefill, no per-step cache copies (CPU; not with --precision fp16)")
     from .export.trtllm_engine import add_trtllm_export_args  # numpy-only module
 
     add_trtllm_export_args(p)  # --target onnx|trtllm-engine|trtllm, --no-build, --trtllm-examples, --calib-data

@@ -213,7 +213,58 @@ def test_cli_flag_and_fp16_refusal(tmp_path):
 
     args = build_parser().parse_args(["export", "--checkpoints", "c", "--out", "o", "--decoder-attention", "gqa"])
     assert args.decoder_attention == "gqa"
-    assert build_parser().parse_args(["export", "--checkpoints", "c", "--out", "o"]).decoder_attention == "onnx"
+    assert build_parser().parse_args(["export", "--checkpoints", "c", "--out", "o"]).decoder_attention is None
     with pytest.raises(ValueError, match="fp16"):
         export_engines(tmp_path, tmp_path / "out", precision="fp16", decoder_attention="gqa")
 
+
+
+@pytest.mark.parametrize("flags,kinds", [
+    ([], ("ort", "gqa")),  # the embedded default: ORT CPU's fused attention ops
+    (["--device", "cuda"], ("onnx", "onnx")),  # standard ops: ORT CUDA, TensorRT
+    (["--precision", "fp16"], ("onnx", "onnx")),  # fp16 runs on GPU providers only
+    (["--device", "cpu", "--decoder-attention", "onnx"], ("ort", "onnx")),  # explicit kinds win
+    (["--device", "cuda", "--vision-attention", "ort"], ("ort", "onnx")),
+])
+def test_export_device_picks_the_graph_kinds(monkeypatch, tmp_path, flags, kinds):
+    from finers_rt.export import engine
+
+    from finers_rt import cli
+
+    seen = {}
+
+    def fake_export(checkpoints, out, **kw):
+        seen.update(kw)
+        return {"precision": kw["precision"], "graphs": {}}
+
+    monkeypatch.setattr(engine, "export_engines", fake_export)
+    args = cli.build_parser().parse_args(["export", "--checkpoints", str(tmp_path), "--out", str(tmp_path / "o"), *flags])
+    cli.cmd_export(args=args)
+    assert (seen["vision_attention"], seen["decoder_attention"]) == kinds
+
+
+def test_demo_reexports_a_folder_of_other_graph_kinds(monkeypatch, tiny_ckpt, tmp_path):
+    from finers_rt.export import engine
+
+    from finers_rt import cli
+    from finers_rt.manifest import hash_tree
+
+    calls = []
+    monkeypatch.setattr(engine, "export_engines", lambda c, o, **kw: calls.append(kw) or {"graphs": {}})
+    sources = {s: hash_tree(tiny_ckpt / s) for s in ("gse", "lpr", "sam2")}
+    out = tmp_path / "engines"
+    out.mkdir()
+    for kinds, device, exported in [(("onnx", "onnx"), "cpu", True), (("ort", "gqa"), "cpu", False),
+                                    (("ort", "gqa"), "cuda", True), (("onnx", "onnx"), "cuda", False)]:
+        (out / "manifest.json").write_text(json.dumps({"precision": "fp32", "sources": sources,
+                                                       "vision_attention": kinds[0], "decoder_attention": kinds[1]}))
+        calls.clear()
+        assert cli._ensure_engines(tiny_ckpt, out, device) == out
+        assert bool(calls) == exported, (kinds, device)
+
+
+def test_graph_kinds_rejects_an_unknown_device():
+    from finers_rt.export.engine import graph_kinds
+
+    with pytest.raises(ValueError, match="--device must be one of"):
+        graph_kinds("orin", "fp32")

@@ -312,7 +312,7 @@ def test_folder_exported_with_ort_attention_is_refused(monkeypatch, tmp_path):
     folder = _engine_folder(tmp_path / "eng")
     manifest = json.loads((folder / "manifest.json").read_text())
     write_manifest(folder, {**manifest, "vision_attention": "ort"})
-    with pytest.raises(ValueError, match=r"--vision-attention ort .*finers-rt export --checkpoints /ckpt"):
+    with pytest.raises(ValueError, match=r"--vision-attention ort .*finers-rt export --checkpoints /ckpt --out DIR --device cuda"):
         trt_build.build_engines(folder)
 
 

@@ -25,8 +25,8 @@ class OrtSAM2:
     def __init__(self, engine_dir: str | Path, *, providers: list[str] | None = None):
         engine_dir = Path(engine_dir)
         self.providers = list(providers or ["CPUExecutionProvider"])
-        self.encoder = open_session(engine_dir / "sam2_encoder.onnx", self.providers, SAM2_ENCODER, stop_spinning=True)
-        self.decoder = open_session(engine_dir / "sam2_decoder.onnx", self.providers, SAM2_DECODER, stop_spinning=True)
+        self.encoder = open_session(engine_dir / "sam2_encoder.onnx", self.providers, SAM2_ENCODER, once_per_stage=True)
+        self.decoder = open_session(engine_dir / "sam2_decoder.onnx", self.providers, SAM2_DECODER, once_per_stage=True)
         self.features: dict[str, np.ndarray] | None = None  # encoder outputs by name
         self.hw: tuple[int, int] | None = None  # (h, w) of the image set, pixels
 

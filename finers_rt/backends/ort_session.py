@@ -33,15 +33,20 @@ def resolve_providers(providers: list, path: Path) -> list:
 
 
 def open_session(path: str | Path, providers: list | None, spec: GraphSpec | None = None, *,
-                 stop_spinning: bool = False) -> ort.InferenceSession:
+                 once_per_stage: bool = False) -> ort.InferenceSession:
     """An InferenceSession that really runs on `providers`, with IO names matching `spec`.
 
     ORT drops a requested provider it does not have (or cannot load, e.g. CUDA without a GPU)
     with a warning and runs on the CPU; here that is an error naming the provider.
 
-    stop_spinning: for graphs run once per stage (vision, SAM2). By default ORT's CPU worker
-    threads keep spinning ~60 ms after a run returns, holding a core the host work that follows
-    (the next stage's resizes) needs; this stops them when the run ends. Results are unchanged.
+    once_per_stage: for graphs run once per stage (vision, SAM2); results are unchanged.
+    - ORT's CPU worker threads keep spinning ~60 ms after a run returns, holding a core the host
+      work that follows (the next stage's resizes) needs: they stop when the run ends.
+    - No memory pattern: with one, ORT traces the first run's allocations and the second run
+      allocates one fresh block for the whole pattern, so two runs (not one) pay first-touch page
+      faults (SAM2 hiera-t: ~160k faults, +0.3 s each; GSE vision: ~660k) and the arena keeps both
+      (peak RSS 1.6 vs 1.1 GB for SAM2 alone). Without it the arena's blocks from the first run
+      are reused: one warm-up run is enough, and steady-state time is the same.
     """
     path = Path(path)
     if not path.is_file():
@@ -57,8 +62,9 @@ def open_session(path: str | Path, providers: list | None, spec: GraphSpec | Non
                                f"onnxruntime build only has {available} (GPU providers: pip install "
                                f"'finers-rt[gpu]' in an environment without plain onnxruntime)")
     options = ort.SessionOptions()
-    if stop_spinning:
+    if once_per_stage:
         options.add_session_config_entry("session.force_spinning_stop", "1")
+        options.enable_mem_pattern = False
     session = ort.InferenceSession(str(path), options, providers=providers)
     loaded = session.get_providers()
     for name in names:

@@ -36,7 +36,7 @@ class OrtVision:
         self.providers = list(providers or ["CPUExecutionProvider"])
         self.host_threads = host_threads
         self.pixels = PixelBuffer()
-        self.session = open_session(onnx_path, self.providers, VISION, stop_spinning=True)
+        self.session = open_session(onnx_path, self.providers, VISION, once_per_stage=True)
 
     def prepare(self, image: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, tuple[int, int, int]]:
         """Host side only: (feeds, reverse, grid), see `vision_inputs`."""
