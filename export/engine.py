@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..manifest import FORMAT_VERSION, hash_tree, write_manifest
-from ..specs import DECODER_SPECS, SAM2_DECODER, SAM2_ENCODER, VISION
+from ..specs import DECODER_SPECS, LM_HEADS, SAM2_DECODER, SAM2_ENCODER, VISION
 from .onnx_decoder import export_decoder
 from .onnx_decoder_gqa import export_decoder_gqa
 from .onnx_sam2 import export_sam2
@@ -31,26 +31,32 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8", "int4")  # fp16: every graph, for GPU providers; int8/int4: decoders
 DECODER_EXPORTERS = {"onnx": export_decoder, "gqa": export_decoder_gqa}  # --decoder-attention
 OPSET = 18
-# Graph kinds (vision_attention, decoder_attention) per device the folder is exported for, when
-# `--vision-attention` / `--decoder-attention` are not given (`finers-rt export --device`).
-# cpu (the embedded default): ORT's fused contrib ops, the fastest measured on the CPU provider:
+# Graph kinds (vision_attention, decoder_attention, lm_head) per device the folder is exported for,
+# when `--vision-attention` / `--decoder-attention` / `--lm-head` are not given (`finers-rt export
+# --device`).
+# cpu (the embedded default): the fastest measured on the CPU provider, outputs unchanged:
 #   flash-attention MultiHeadAttention in the vision tower's full-attention blocks (bench shape:
-#   GSE vision 2.5 vs 3.1 s, no 1.9 GB score tensor) and GroupQueryAttention with an in-place KV
-#   cache (GSE prefill 0.66 vs 0.93 s).
-# cuda: standard ops, what ran on the H100: TensorRT parses only those, and ORT's CUDA
-#   GroupQueryAttention is float16/bfloat16 only (an fp32 GQA decoder is refused on CUDA).
-EXPORT_DEVICES = {"cpu": ("ort", "gqa"), "cuda": ("onnx", "onnx")}
+#   GSE vision 2.5 vs 3.1 s, no 1.9 GB score tensor), GroupQueryAttention with an in-place KV
+#   cache (GSE prefill 0.66 vs 0.93 s) and the screened lm_head (int8 bounds + exact float32
+#   rescoring of the few rows that can win: the same greedy ids, a quarter of the head's bytes).
+# cuda: standard ops and float32 logits, what ran on the H100: TensorRT parses only standard ops,
+#   and ORT's CUDA GroupQueryAttention is float16/bfloat16 only (an fp32 GQA decoder is refused).
+EXPORT_DEVICES = {"cpu": ("ort", "gqa", "screened"), "cuda": ("onnx", "onnx", "fp32")}
 
 
 def graph_kinds(device: str | None, precision: str, vision_attention: str | None = None,
-                decoder_attention: str | None = None) -> tuple[str, str]:
-    """(vision_attention, decoder_attention) for an export: the explicit choices, else the
-    device's defaults. device None: cuda for fp16 (GPU providers only), else cpu."""
+                decoder_attention: str | None = None, lm_head: str | None = None) -> tuple[str, str, str]:
+    """(vision_attention, decoder_attention, lm_head) for an export: the explicit choices, else the
+    device's defaults. device None: cuda for fp16 (GPU providers only), else cpu. The screened
+    head is a float32 GQA graph's: with another decoder or precision the default is fp32 logits."""
     device = device or ("cuda" if precision == "fp16" else "cpu")
     if device not in EXPORT_DEVICES:
         raise ValueError(f"--device must be one of {sorted(EXPORT_DEVICES)}, got {device!r}")
-    vision, decoder = EXPORT_DEVICES[device]
-    return vision_attention or vision, decoder_attention or decoder
+    vision, decoder, head = EXPORT_DEVICES[device]
+    decoder = decoder_attention or decoder
+    if decoder != "gqa" or precision != "fp32":
+        head = "fp32"
+    return vision_attention or vision, decoder, lm_head or head
 # Files a stage folder needs at run time besides the graphs (those a checkpoint has are copied).
 STAGE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
                "generation_config.json", "chat_template.json")
@@ -93,7 +99,7 @@ def _entry(spec_digest: str, report: dict) -> dict:
 
 def export_engines(checkpoints: Path, out: Path, *, precision: str = "fp32", overwrite: bool = False,
                    sam2_config: str | None = None, progress: bool = True, vision_attention: str = "onnx",
-                   decoder_attention: str = "onnx") -> dict:
+                   decoder_attention: str = "onnx", lm_head: str = "fp32") -> dict:
     """Export GSE, LPR and SAM2 from `checkpoints` (DIR/gse, DIR/lpr, DIR/sam2) into `out`.
 
     vision_attention: "onnx" (standard ops: every runtime, TensorRT included) or "ort" (the
@@ -102,6 +108,8 @@ def export_engines(checkpoints: Path, out: Path, *, precision: str = "fp32", ove
     decoder_attention: "onnx" (standard ops, KV cache grown by Concat) or "gqa" (ORT's
     GroupQueryAttention contrib op with a fixed-size KV cache written in place; ONNX Runtime only,
     which is where decoders always run; `onnx_decoder_gqa`).
+    lm_head: "fp32" (logits) or "screened" (GQA fp32 only: int8 bounds on every logit, the host
+    rescores the few rows that can be the argmax in float32; `lm_head_screen`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {PRECISIONS} for ONNX export, got {precision!r}")
@@ -112,6 +120,11 @@ def export_engines(checkpoints: Path, out: Path, *, precision: str = "fp32", ove
         # could no longer be shared in place; an fp16-IO GQA graph is not written yet.
         raise ValueError("--decoder-attention gqa is fp32/int8/int4 only: the fp16 conversion would cast "
                          "its in-place KV cache out of place")
+    if lm_head not in LM_HEADS:
+        raise ValueError(f"lm_head must be one of {LM_HEADS}, got {lm_head!r}")
+    if lm_head == "screened" and (decoder_attention != "gqa" or precision != "fp32"):
+        raise ValueError("--lm-head screened is for the float32 GQA decoder (--decoder-attention gqa "
+                         f"--precision fp32), got {decoder_attention} / {precision}")
     checkpoints, out = Path(checkpoints).resolve(), Path(out)
     for sub in ("gse", "lpr", "sam2"):
         if not (checkpoints / sub).is_dir():
@@ -136,7 +149,8 @@ def export_engines(checkpoints: Path, out: Path, *, precision: str = "fp32", ove
             graphs[f"{stage}/vision.onnx"] = _entry(VISION.digest(), report)
         else:
             dec = out / stage / "decoder.onnx"
-            report = DECODER_EXPORTERS[decoder_attention](src, dec, opset=OPSET)
+            head = {"lm_head": lm_head} if decoder_attention == "gqa" else {}
+            report = DECODER_EXPORTERS[decoder_attention](src, dec, opset=OPSET, **head)
             if precision in ("int8", "int4"):
                 fp32 = dec.with_name("decoder.fp32.onnx")
                 dec.rename(fp32)
@@ -144,7 +158,7 @@ def export_engines(checkpoints: Path, out: Path, *, precision: str = "fp32", ove
                 drift = compare_with_fp32(fp32, dec, out / stage / "embed_tokens.npy")
                 fp32.unlink()
                 report = {**report, "quantized_matmuls": n, "vs_fp32": drift}
-            spec = DECODER_SPECS[decoder_attention](json.loads((src / "config.json").read_text()))
+            spec = DECODER_SPECS[decoder_attention](json.loads((src / "config.json").read_text()), lm_head=lm_head)
             graphs[f"{stage}/decoder.onnx"] = _entry(spec.digest(), report)
             for name in STAGE_FILES:
                 if (src / name).is_file():
@@ -160,6 +174,7 @@ def export_engines(checkpoints: Path, out: Path, *, precision: str = "fp32", ove
         "precision": precision,
         "vision_attention": vision_attention,
         "decoder_attention": decoder_attention,
+        "lm_head": lm_head,
         "opset": OPSET,
         "checkpoints": str(checkpoints),
         "sources": {s: hash_tree(checkpoints / s) for s in ("gse", "lpr", "sam2")},

@@ -8,7 +8,9 @@ attention is the `com.microsoft.GroupQueryAttention` contrib op, which TensorRT 
 Per layer: SimplifiedLayerNormalization (= HF RMSNorm) -> q/k/v MatMul + bias -> M-RoPE on q and k
 (standard ops, HF's rotate_half convention, cos/sin built once per run from position_ids) ->
 GroupQueryAttention(do_rotary=0) -> o_proj -> residual -> RMSNorm -> SwiGLU MLP -> residual. Then
-each row's `last_index` hidden state -> final norm -> lm_head.
+each row's `last_index` hidden state -> final norm -> lm_head: float32 logits, or (lm_head
+"screened", `lm_head_screen`) an int8 pass giving bounds on every logit plus the normed hidden state,
+from which the host takes the exact argmax (`finers_rt.backends.lm_head`).
 
 GroupQueryAttention semantics relied on (ORT 1.31.1 CPU kernel; checked against numpy attention
 with a 3-row ragged batch before this exporter was written, and by `verify_decoder` on every export):
@@ -29,6 +31,7 @@ with a 3-row ragged batch before this exporter was written, and by `verify_decod
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -38,7 +41,9 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from ..backends.lm_head import ROWS_KEY, screened_argmax
 from ..specs import decoder_gqa_spec
+from .lm_head_screen import add_screened_head, screen_tables
 from .onnx_decoder import (
     PROTOBUF_LIMIT,
     check_report,
@@ -146,39 +151,55 @@ class _Builder:
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), self._linear(f"{p}.up_proj", x, mlp.up_proj))
         return g.op("Add", hidden, self._linear(f"{p}.down_proj", act, mlp.down_proj))
 
-    def logits(self, hidden: str) -> str:
-        """Row b's hidden state at last_index[b] -> final norm -> lm_head: logits [B, V]."""
+    def logits(self, hidden: str, lm_head: str = "fp32") -> None:
+        """Row b's hidden state at last_index[b] -> final norm -> lm_head: the spec's head outputs
+        (fp32: logits [B, V]; screened: logits_lo, logits_hi [B, V] and hidden [B, H])."""
         g, size = self.g, self.text.config.hidden_size
         index = g.op("Unsqueeze", "last_index", g.const("axes.12", np.array([1, 2])))  # [B, 1, 1]
         index = g.op("Expand", index, g.const("shape.1_1_h", np.array([1, 1, size])))  # [B, 1, H]
         last = g.op("GatherElements", hidden, index, axis=1)  # [B, 1, H]
-        out = self._linear("lm_head", self._norm("norm", last, self.text.norm), self.lm_head)  # [B, 1, V]
-        return g.op("Squeeze", out, g.const("axes.1", np.array([1])), outputs=["logits"])
+        normed = g.op("Squeeze", self._norm("norm", last, self.text.norm), g.const("axes.1", np.array([1])))  # [B, H]
+        if lm_head == "fp32":
+            g.op("MatMul", normed, g.const("lm_head.weight", self.head_weight().T), outputs=["logits"])
+            return
+        lo, hi = add_screened_head(g, normed, screen_tables(self.head_weight()))
+        for name, value in (("logits_lo", lo), ("logits_hi", hi), ("hidden", normed)):
+            g.op("Identity", value, outputs=[name])
+
+    def head_weight(self) -> np.ndarray:
+        """lm_head weight [V, H] float32 (Qwen2.5-VL's lm_head has no bias)."""
+        if self.lm_head.bias is not None:
+            raise ValueError("an lm_head with a bias is not a Qwen2.5-VL head")
+        return self.lm_head.weight.detach().float().numpy()
 
 
-def build_graph(model, spec):
-    """The onnx ModelProto of `model`'s text decoder with `spec`'s IO (weights as initializers)."""
+def build_graph(model, spec, lm_head: str = "fp32", rows_file: str | None = None):
+    """The onnx ModelProto of `model`'s text decoder with `spec`'s IO (weights as initializers).
+    rows_file: for a screened head, the .npy beside the graph holding the float32 lm_head."""
     b = _Builder(model)
     cos, sin = b.rope_tables("position_ids")
     hidden = "inputs_embeds"
     for i in range(len(b.text.layers)):
         hidden = b.layer(i, hidden, cos, sin)
-    b.logits(hidden)
+    b.logits(hidden, lm_head)
     def value(t):
         return helper.make_tensor_value_info(t.name, helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)), list(t.shape))
 
     graph = helper.make_graph(b.g.nodes, "decoder_gqa", [value(t) for t in spec.inputs],
                               [value(t) for t in spec.outputs], initializer=b.g.inits)
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
-    return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="finers-rt")
+    model_proto = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="finers-rt")
+    if rows_file is not None:
+        helper.set_model_props(model_proto, {ROWS_KEY: rows_file})
+    return model_proto
 
 
-def spec_for(model):
+def spec_for(model, lm_head: str = "fp32"):
     """The decoder_gqa GraphSpec of this model's text config."""
     cfg = model.model.language_model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return decoder_gqa_spec(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, cfg.hidden_size,
-                            cfg.vocab_size)
+                            cfg.vocab_size, lm_head=lm_head)
 
 
 def save(model_proto, out_path: Path) -> None:
@@ -188,9 +209,12 @@ def save(model_proto, out_path: Path) -> None:
                     location=out_path.name + ".data")
 
 
-def _ort_steps(out_path: Path, spec, feeds) -> list[np.ndarray]:
+def _ort_steps(out_path: Path, spec, feeds, screened: dict | None = None) -> list[np.ndarray]:
     """Run the graph in ONNX Runtime (CPU) on the per-step inputs, the deployed way: one fixed-size
-    KV buffer per past/present pair, bound as both (GQA writes it in place)."""
+    KV buffer per past/present pair, bound as both (GQA writes it in place). Returns each step's
+    logits [1, V]; for a screened head (`screened` = {"weight": lm_head [V, H]}), those of its hidden
+    state, after checking that every one lies inside the graph's bounds and that the host's
+    screened argmax equals their argmax (the candidate counts go into `screened`)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
@@ -200,8 +224,10 @@ def _ort_steps(out_path: Path, spec, feeds) -> list[np.ndarray]:
     cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kv_heads, capacity, head_dim), np.float32))
              for _ in kv_names]
     io, logits, total = session.io_binding(), [], 0
-    out = np.empty((1, spec.outputs[0].shape[1]), np.float32)  # [1, V], bound once
-    io.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+    heads = [t for t in spec.outputs if not t.name.startswith("present_")]
+    out = {t.name: np.empty((1, t.shape[1]), np.float32) for t in heads}  # [1, V] or [1, H], bound once
+    for name, buf in out.items():
+        io.bind_output(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
     for name, value in zip(kv_names, cache):
         io.bind_ortvalue_input(name, value)
         io.bind_ortvalue_output(name.replace("past_", "present_", 1), value)
@@ -214,26 +240,55 @@ def _ort_steps(out_path: Path, spec, feeds) -> list[np.ndarray]:
         io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
         io.bind_cpu_input("last_index", np.array([seq - 1], np.int64))
         session.run_with_iobinding(io)
-        logits.append(out.copy())
+        logits.append(out["logits"].copy() if screened is None else _check_screened(out, screened))
     return logits
 
 
-def export_decoder_gqa(checkpoint: Path, out_path: Path, *, opset: int = 18) -> dict:
+def _check_screened(out: dict[str, np.ndarray], screened: dict) -> np.ndarray:
+    """One step of a screened head: the float32 logits of its hidden state [1, V], after checking the
+    bounds hold for all of them and the screened argmax is theirs."""
+    weight = screened["weight"]
+    full = out["hidden"] @ weight.T  # [1, V]: what the host would compute for every row
+    outside = int(((full < out["logits_lo"]) | (full > out["logits_hi"])).sum())
+    if outside:
+        raise RuntimeError(f"screened lm_head: {outside} logits outside the graph's bounds")
+    ids, widest = screened_argmax(out["logits_lo"], out["logits_hi"], out["hidden"], weight)
+    if ids[0] != full.argmax():
+        raise RuntimeError(f"screened lm_head: argmax {ids[0]} != {full.argmax()} of the float32 logits")
+    screened["candidates"] = [*screened.get("candidates", []), widest]
+    return full
+
+
+def export_decoder_gqa(checkpoint: Path, out_path: Path, *, opset: int = 18, lm_head: str = "fp32") -> dict:
     """Export `checkpoint`'s text decoder as the GQA graph to `out_path` (+ embed_tokens.npy), verified.
 
-    Returns the verification report (max_abs_diff, mismatch_pct, argmax_equal, ...); raises
-    RuntimeError when the graph's logits differ from HF's by more than the spec's atol.
+    lm_head: "fp32" (logits out) or "screened" (bounds + hidden out, `lm_head_screen`; an untied
+    lm_head is saved as lm_head.npy beside the graph for the host's rescoring). Returns the
+    verification report (max_abs_diff, mismatch_pct, argmax_equal, ...); raises RuntimeError when
+    the graph's logits differ from HF's by more than the spec's atol (screened: the logits of its
+    hidden state, which must also lie inside its bounds at every step).
     """
     if opset != 18:
         raise ValueError(f"the GQA decoder is written for opset 18 (Split num_outputs), got {opset}")
     checkpoint, out_path = Path(checkpoint), Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     model = load_model(checkpoint)
-    spec = spec_for(model)
+    spec = spec_for(model, lm_head)
     save_embed_table(model, out_path.parent)
+    rows_file, screened = None, None
+    if lm_head == "screened":
+        weight = _Builder(model).head_weight()
+        embed = model.model.language_model.embed_tokens.weight.detach().float().numpy()
+        rows_file = "embed_tokens.npy" if np.array_equal(weight, embed) else "lm_head.npy"  # tied: one table
+        if rows_file == "lm_head.npy":
+            np.save(out_path.parent / rows_file, weight)
+        screened = {"weight": weight}
     t0 = time.perf_counter()
-    save(build_graph(model, spec), out_path)
+    save(build_graph(model, spec, lm_head, rows_file), out_path)
     export_s = time.perf_counter() - t0
-    report = verify_decoder(model, out_path, spec, ort_steps=_ort_steps)
-    report.update(exporter="onnx.helper", attention="GroupQueryAttention", opset=opset, export_s=round(export_s, 1))
+    report = verify_decoder(model, out_path, spec, ort_steps=functools.partial(_ort_steps, screened=screened))
+    report.update(exporter="onnx.helper", attention="GroupQueryAttention", opset=opset, export_s=round(export_s, 1),
+                  lm_head=lm_head)
+    if screened is not None:
+        report["screened_candidates_max"] = max(screened["candidates"])
     return check_report(out_path, spec, report)

@@ -66,12 +66,13 @@ def cmd_export(*, args) -> None:
                          f"--target onnx takes {'|'.join(ONNX_PRECISIONS)}")
     from .export.engine import export_engines, graph_kinds
 
-    vision, decoder = graph_kinds(args.device, precision, args.vision_attention, args.decoder_attention)
+    vision, decoder, head = graph_kinds(args.device, precision, args.vision_attention, args.decoder_attention,
+                                        args.lm_head)
     manifest = export_engines(Path(args.checkpoints), Path(args.out), precision=precision,
                               overwrite=args.overwrite, sam2_config=args.sam2_config,
-                              vision_attention=vision, decoder_attention=decoder)
+                              vision_attention=vision, decoder_attention=decoder, lm_head=head)
     print(f"exported {len(manifest['graphs'])} graphs ({manifest['precision']}, vision attention {vision}, "
-          f"decoder attention {decoder}) to {args.out}; verification:")
+          f"decoder attention {decoder}, lm_head {head}) to {args.out}; verification:")
     for name, g in manifest["graphs"].items():
         print(f"  {name:<26} vs torch: max abs diff {g['max_abs_diff']:.3g}, mismatch {g['mismatch_pct']:.3g} %")
 
@@ -158,15 +159,17 @@ def _ensure_engines(ckpts: Path, out: Path, device: str) -> Path:
     from .export.engine import export_engines, graph_kinds
     from .manifest import MANIFEST, hash_tree
 
-    vision, decoder = graph_kinds("cpu" if device == "cpu" else "cuda", "fp32")
+    vision, decoder, head = graph_kinds("cpu" if device == "cpu" else "cuda", "fp32")
     meta = out / MANIFEST
     if meta.is_file():
         m = json.loads(meta.read_text())
-        if ((m.get("precision"), m.get("vision_attention"), m.get("decoder_attention")) == ("fp32", vision, decoder)
+        kinds = (m.get("vision_attention"), m.get("decoder_attention"), m.get("lm_head", "fp32"))
+        if (m.get("precision") == "fp32" and kinds == (vision, decoder, head)
                 and m.get("sources") == {s: hash_tree(ckpts / s) for s in ("gse", "lpr", "sam2")}):
             return out
     print(f"exporting the tiny checkpoints to ONNX in {out} (each graph is verified against torch) ...")
-    manifest = export_engines(ckpts, out, overwrite=True, vision_attention=vision, decoder_attention=decoder)
+    manifest = export_engines(ckpts, out, overwrite=True, vision_attention=vision, decoder_attention=decoder,
+                              lm_head=head)
     for name, g in manifest["graphs"].items():
         print(f"  {name:<26} vs torch: max abs diff {g['max_abs_diff']:.3g}, mismatch {g['mismatch_pct']:.3g} %")
     return out
@@ -258,8 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sam2-config", default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where the folder will run; picks the graph kinds below when they are not given: "
-                        "cpu (default; cuda for --precision fp16): --vision-attention ort --decoder-attention gqa; "
-                        "cuda: onnx / onnx (standard ops: ORT CUDA and `finers-rt build` for TensorRT)")
+                        "cpu (default; cuda for --precision fp16): --vision-attention ort --decoder-attention gqa "
+                        "--lm-head screened; cuda: onnx / onnx / fp32 (standard ops: ORT CUDA and `finers-rt build` "
+                        "for TensorRT)")
     p.add_argument("--vision-attention", choices=["onnx", "ort"], default=None,
                    help="onnx: standard ops, TensorRT-buildable; ort: ORT's MultiHeadAttention (flash attention) "
                         "for the full-attention blocks (faster, 7x less memory on CPU; ONNX Runtime only)")
@@ -267,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx: standard ops, KV cache grown by Concat; gqa: ORT's GroupQueryAttention "
                         "contrib op (ONNX Runtime only) with a fixed-size KV cache written in place: faster "
                         "prefill, no per-step cache copies (CPU; not with --precision fp16)")
+    p.add_argument("--lm-head", choices=["fp32", "screened"], default=None,
+                   help="fp32: float32 logits; screened (float32 GQA decoder only): int8 bounds on every logit, "
+                        "the host rescores in float32 the few rows that can be the argmax: the same greedy ids, "
+                        "a quarter of the lm_head bytes per decode step")
     from .export.trtllm_engine import add_trtllm_export_args  # numpy-only module
 
     add_trtllm_export_args(p)  # --target onnx|trtllm-engine|trtllm, --no-build, --trtllm-examples, --calib-data

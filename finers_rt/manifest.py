@@ -43,6 +43,13 @@ def decoder_attention(engine_dir: Path) -> str:
     return json.loads(path.read_text()).get("decoder_attention", "onnx") if path.is_file() else "onnx"
 
 
+def lm_head(engine_dir: Path) -> str:
+    """The folder's decoder output head, `specs.LM_HEADS`: "fp32" logits or "screened" bounds
+    (`finers-rt export --lm-head`); "fp32" for folders without a manifest or the key."""
+    path = Path(engine_dir) / MANIFEST
+    return json.loads(path.read_text()).get("lm_head", "fp32") if path.is_file() else "fp32"
+
+
 def write_manifest(engine_dir: Path, manifest: dict) -> None:
     (Path(engine_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 

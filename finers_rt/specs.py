@@ -122,12 +122,18 @@ def _text_dims(config: dict) -> tuple[int, int, int, int, int]:
     return text["num_hidden_layers"], text["num_key_value_heads"], head_dim, text["hidden_size"], text["vocab_size"]
 
 
-def decoder_spec_from_config(config: dict) -> GraphSpec:
-    """`decoder_spec` of a Qwen2.5-VL config.json."""
+def decoder_spec_from_config(config: dict, lm_head: str = "fp32") -> GraphSpec:
+    """`decoder_spec` of a Qwen2.5-VL config.json (its lm_head is always float32 logits)."""
+    if lm_head != "fp32":
+        raise ValueError(f"lm_head {lm_head!r} exists only for the GQA decoder (--decoder-attention gqa)")
     return decoder_spec(*_text_dims(config))
 
 
-def decoder_gqa_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int) -> GraphSpec:
+LM_HEADS = ("fp32", "screened")  # `finers-rt export --lm-head`; the engine manifest's "lm_head"
+
+
+def decoder_gqa_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int,
+                     lm_head: str = "fp32") -> GraphSpec:
     """The decoder graph with ORT's GroupQueryAttention and a fixed-size, in-place KV cache.
 
     Written by `finers_rt.export.onnx_decoder_gqa.export_decoder_gqa`; read by backends/ort_decode.py.
@@ -144,7 +150,11 @@ def decoder_gqa_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int,
                                                    (prompt: its length - 1; decode: 0)
         past_key_i / past_value_i  float32 [B, KV, C, D]  post-RoPE keys / values; row b holds its
                                                    tokens at slots 0..seqlens_k[b] (right padding)
-     -> logits                 float32 [B, V]      at last_index
+     -> logits                 float32 [B, V]      at last_index (lm_head "fp32"), or with lm_head
+                                                   "screened" (`export.lm_head_screen`, read by
+                                                   `backends.lm_head`):
+        logits_lo / logits_hi  float32 [B, V]      bounds holding every exact float32 logit
+        hidden                 float32 [B, H]      final-normed hidden state at last_index
         present_key_i / present_value_i  float32 [B, KV, C, D]  bind the SAME OrtValue as the
                                                    matching past_*: GQA then writes the new slots in
                                                    place (slot seqlens_k[b] when decoding)
@@ -164,7 +174,7 @@ def decoder_gqa_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int,
             TensorSpec("last_index", "int64", ("batch",)),
             *past,
         ),
-        outputs=(TensorSpec("logits", "float32", ("batch", vocab)), *present),
+        outputs=(*_head_outputs(lm_head, vocab, hidden), *present),
         # capacity = prompt + max new tokens: GSE ~2,700 + 1,024 (the same range as decoder_spec's total).
         profiles={"batch": (1, 1, 8), "seq": (1, 1, 4096), "capacity": (1, 3073, 9216)},
         atol=1e-3,
@@ -177,9 +187,18 @@ def decoder_gqa_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int,
     )
 
 
-def decoder_gqa_spec_from_config(config: dict) -> GraphSpec:
+def _head_outputs(lm_head: str, vocab: int, hidden: int) -> tuple[TensorSpec, ...]:
+    if lm_head == "fp32":
+        return (TensorSpec("logits", "float32", ("batch", vocab)),)
+    if lm_head == "screened":
+        return (TensorSpec("logits_lo", "float32", ("batch", vocab)), TensorSpec("logits_hi", "float32", ("batch", vocab)),
+                TensorSpec("hidden", "float32", ("batch", hidden)))
+    raise ValueError(f"lm_head must be one of {LM_HEADS}, got {lm_head!r}")
+
+
+def decoder_gqa_spec_from_config(config: dict, lm_head: str = "fp32") -> GraphSpec:
     """`decoder_gqa_spec` of a Qwen2.5-VL config.json."""
-    return decoder_gqa_spec(*_text_dims(config))
+    return decoder_gqa_spec(*_text_dims(config), lm_head=lm_head)
 
 
 # decoder_attention (the engine manifest's key, `finers-rt export --decoder-attention`) -> spec of a config.json

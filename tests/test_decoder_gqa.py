@@ -28,14 +28,10 @@ from finers_rt.specs import decoder_gqa_spec_from_config
 FORCED = [9707, 1879, 0, 11, 151652, 42]  # an arbitrary script: the fed tokens are not the argmax
 
 
-@pytest.fixture(scope="module")
-def gqa_engines(tiny_ckpt, tiny_engines, tmp_path_factory):
-    """`export_engines(..., decoder_attention="gqa")` of the tiny checkpoints.
-
-    Both decoders are exported and verified for real. The vision and SAM2 graphs do not depend on
-    decoder_attention, so their exporters are replaced by copies of `tiny_engines`' verified graphs
-    and reports (saves ~1 min of identical exports).
-    """
+def _decoder_export(tiny_ckpt, tiny_engines, out, **kinds):
+    """`export_engines(tiny_ckpt, out, **kinds)`: both decoders are exported and verified for real.
+    The vision and SAM2 graphs do not depend on the decoder kinds, so their exporters are replaced
+    by copies of `tiny_engines`' verified graphs and reports (saves ~1 min of identical exports)."""
     from finers_rt.export import engine
 
     graphs = json.loads((tiny_engines / "manifest.json").read_text())["graphs"]
@@ -49,12 +45,24 @@ def gqa_engines(tiny_ckpt, tiny_engines, tmp_path_factory):
         shutil.copytree(tiny_engines / "sam2", out_dir, dirs_exist_ok=True)
         return {part: graphs[f"sam2/sam2_{part}.onnx"]["verification"] for part in ("encoder", "decoder")}
 
-    out = tmp_path_factory.mktemp("gqa_engines")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine, "export_vision", vision)
         mp.setattr(engine, "export_sam2", sam2)
-        engine.export_engines(tiny_ckpt, out, overwrite=True, progress=False, decoder_attention="gqa")
+        engine.export_engines(tiny_ckpt, out, overwrite=True, progress=False, **kinds)
     return out
+
+
+@pytest.fixture(scope="module")
+def gqa_engines(tiny_ckpt, tiny_engines, tmp_path_factory):
+    """`export_engines(..., decoder_attention="gqa")` of the tiny checkpoints (float32 logits)."""
+    return _decoder_export(tiny_ckpt, tiny_engines, tmp_path_factory.mktemp("gqa_engines"), decoder_attention="gqa")
+
+
+@pytest.fixture(scope="module")
+def screened_engines(tiny_ckpt, tiny_engines, tmp_path_factory):
+    """The GQA decoders with the screened lm_head (int8 bounds + float32 rescoring on the host)."""
+    return _decoder_export(tiny_ckpt, tiny_engines, tmp_path_factory.mktemp("screened_engines"),
+                           decoder_attention="gqa", lm_head="screened")
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +75,11 @@ def hf(tiny_ckpt):
 
 
 @pytest.fixture(scope="module")
-def decoders(tiny_engines, gqa_engines):
-    """{"onnx": standard-graph OrtDecoder, "gqa": GQA-graph OrtDecoder} of the GSE stage."""
+def decoders(tiny_engines, gqa_engines, screened_engines):
+    """{"onnx": standard graph, "gqa": GQA graph, "screened": GQA graph + screened lm_head}: OrtDecoders
+    of the GSE stage."""
     return {kind: OrtDecoder(d / "gse" / "decoder.onnx", d / "gse" / "embed_tokens.npy")
-            for kind, d in (("onnx", tiny_engines), ("gqa", gqa_engines))}
+            for kind, d in (("onnx", tiny_engines), ("gqa", gqa_engines), ("screened", screened_engines))}
 
 
 @pytest.fixture(scope="module")
@@ -170,11 +179,12 @@ def test_kv_cache_bound_in_place(decoders, prompts):
     assert all(a is b for a, b in zip(values, decoder.kv_cache.values))  # reused, not reallocated
 
 
+@pytest.mark.parametrize("kind", ["gqa", "screened"])
 @pytest.mark.parametrize("buckets", [None, (1, 2, 4, 8)], ids=["exact", "buckets"])
-def test_greedy_batch_equals_single_runs(decoders, prompts, buckets):
+def test_greedy_batch_equals_single_runs(decoders, prompts, buckets, kind):
     """3 right-padded prompts of different lengths (+ the same first prompt forced): per-row ids
     equal each batch-1 run, which equal HF generate (unforced rows)."""
-    decoder = decoders["gqa"]
+    decoder = decoders[kind]
     batch = [p for p, _ in prompts]
     first = batch[0]
     batch.append(Prompt(first.embeds, first.position_ids, first.rope_delta, forced_ids=FORCED))
@@ -190,15 +200,17 @@ def test_greedy_batch_equals_single_runs(decoders, prompts, buckets):
     assert ids == (expected[1:] if buckets else expected)
 
 
-def test_pipeline_equals_standard_folder(tiny_engines, gqa_engines):
+@pytest.mark.parametrize("kind", ["gqa", "screened"])
+def test_pipeline_equals_standard_folder(tiny_engines, gqa_engines, screened_engines, kind):
     """A forced run (boxes, points, mask exist) and a free one (random weights: 64 tokens per stage)."""
     from test_pipeline_ort import H, W, _forced, _image
 
     config = PipelineConfig(gse=replace(GSE, max_new_tokens=64), lpr=replace(LPR, max_new_tokens=64))
-    std, gqa = (Pipeline.from_engines(d, config=config) for d in (tiny_engines, gqa_engines))
+    folder = {"gqa": gqa_engines, "screened": screened_engines}[kind]
+    std, fast = (Pipeline.from_engines(d, config=config) for d in (tiny_engines, folder))
     img = _image(7, W, H)
     for kw in ({"force_output": _forced("referring", "The object is found.")}, {}):
-        ref, got = std.run(img, "the red car", **kw), gqa.run(img, "the red car", **kw)
+        ref, got = std.run(img, "the red car", **kw), fast.run(img, "the red car", **kw)
         for field in ("answer", "gse_box", "crop_box", "lpr_box", "points", "parse", "prompts", "texts", "tokens"):
             assert getattr(got, field) == getattr(ref, field), field
         assert (got.mask is None) == (ref.mask is None)
@@ -220,11 +232,13 @@ def test_cli_flag_and_fp16_refusal(tmp_path):
 
 
 @pytest.mark.parametrize("flags,kinds", [
-    ([], ("ort", "gqa")),  # the embedded default: ORT CPU's fused attention ops
-    (["--device", "cuda"], ("onnx", "onnx")),  # standard ops: ORT CUDA, TensorRT
-    (["--precision", "fp16"], ("onnx", "onnx")),  # fp16 runs on GPU providers only
-    (["--device", "cpu", "--decoder-attention", "onnx"], ("ort", "onnx")),  # explicit kinds win
-    (["--device", "cuda", "--vision-attention", "ort"], ("ort", "onnx")),
+    ([], ("ort", "gqa", "screened")),  # the embedded default: ORT CPU's fused ops, screened lm_head
+    (["--device", "cuda"], ("onnx", "onnx", "fp32")),  # standard ops: ORT CUDA, TensorRT
+    (["--precision", "fp16"], ("onnx", "onnx", "fp32")),  # fp16 runs on GPU providers only
+    (["--precision", "int8"], ("ort", "gqa", "fp32")),  # the screened head is float32 GQA's
+    (["--device", "cpu", "--decoder-attention", "onnx"], ("ort", "onnx", "fp32")),  # explicit kinds win
+    (["--device", "cuda", "--vision-attention", "ort"], ("ort", "onnx", "fp32")),
+    (["--lm-head", "fp32"], ("ort", "gqa", "fp32")),
 ])
 def test_export_device_picks_the_graph_kinds(monkeypatch, tmp_path, flags, kinds):
     from finers_rt.export import engine
@@ -240,7 +254,7 @@ def test_export_device_picks_the_graph_kinds(monkeypatch, tmp_path, flags, kinds
     monkeypatch.setattr(engine, "export_engines", fake_export)
     args = cli.build_parser().parse_args(["export", "--checkpoints", str(tmp_path), "--out", str(tmp_path / "o"), *flags])
     cli.cmd_export(args=args)
-    assert (seen["vision_attention"], seen["decoder_attention"]) == kinds
+    assert (seen["vision_attention"], seen["decoder_attention"], seen["lm_head"]) == kinds
 
 
 def test_demo_reexports_a_folder_of_other_graph_kinds(monkeypatch, tiny_ckpt, tmp_path):
@@ -254,9 +268,10 @@ def test_demo_reexports_a_folder_of_other_graph_kinds(monkeypatch, tiny_ckpt, tm
     sources = {s: hash_tree(tiny_ckpt / s) for s in ("gse", "lpr", "sam2")}
     out = tmp_path / "engines"
     out.mkdir()
-    for kinds, device, exported in [(("onnx", "onnx"), "cpu", True), (("ort", "gqa"), "cpu", False),
-                                    (("ort", "gqa"), "cuda", True), (("onnx", "onnx"), "cuda", False)]:
-        (out / "manifest.json").write_text(json.dumps({"precision": "fp32", "sources": sources,
+    cpu, cuda = ("ort", "gqa", "screened"), ("onnx", "onnx", "fp32")
+    for kinds, device, exported in [(cuda, "cpu", True), (("ort", "gqa", "fp32"), "cpu", True), (cpu, "cpu", False),
+                                    (cpu, "cuda", True), (cuda, "cuda", False)]:
+        (out / "manifest.json").write_text(json.dumps({"precision": "fp32", "sources": sources, "lm_head": kinds[2],
                                                        "vision_attention": kinds[0], "decoder_attention": kinds[1]}))
         calls.clear()
         assert cli._ensure_engines(tiny_ckpt, out, device) == out
@@ -268,3 +283,51 @@ def test_graph_kinds_rejects_an_unknown_device():
 
     with pytest.raises(ValueError, match="--device must be one of"):
         graph_kinds("orin", "fp32")
+
+
+def test_screened_export_verified_and_recorded(screened_engines, decoders):
+    """The screened folder: bounds checked at every verification step (the exporter raises
+    otherwise), the spec's head outputs, the rescoring rows named in the graph (tied: the table)."""
+    manifest = json.loads((screened_engines / "manifest.json").read_text())
+    assert (manifest["decoder_attention"], manifest["lm_head"]) == ("gqa", "screened")
+    for stage in ("gse", "lpr"):
+        entry = manifest["graphs"][f"{stage}/decoder.onnx"]
+        report = entry["verification"]
+        assert report["lm_head"] == "screened" and report["argmax_equal"]
+        assert 1 <= report["screened_candidates_max"] < 1000  # of 151,936 vocab rows
+        config = json.loads((screened_engines / stage / "config.json").read_text())
+        assert entry["spec_digest"] == decoder_gqa_spec_from_config(config, lm_head="screened").digest()
+    decoder = decoders["screened"]
+    assert [o.name for o in decoder.session.get_outputs()][:3] == ["logits_lo", "logits_hi", "hidden"]
+    assert decoder.lm_head_rows is decoder.table  # tied lm_head: rescored from embed_tokens.npy
+    assert not (screened_engines / "gse" / "lm_head.npy").exists()
+
+
+def test_screened_head_with_an_untied_lm_head(prompts, tiny_ckpt, tmp_path):
+    """An untied lm_head (Qwen2.5-VL 7B's case) is saved as lm_head.npy and rescored from it:
+    greedy ids still equal HF generate's."""
+    from finers_rt.export.onnx_decoder_gqa import export_decoder_gqa
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    untied = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_ckpt / "gse", dtype=torch.float32,
+                                                                tie_word_embeddings=False).eval()
+    with torch.no_grad():
+        untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone() * 1.5)
+        untied.lm_head.weight[:, :8] = 0.1 * torch.randn(untied.lm_head.weight.shape[0], 8,
+                                                          generator=torch.Generator().manual_seed(0))
+    ckpt = tmp_path / "untied"
+    untied.save_pretrained(ckpt)
+    AutoProcessor.from_pretrained(tiny_ckpt / "gse").save_pretrained(ckpt)
+    out = tmp_path / "engine" / "decoder.onnx"
+    report = export_decoder_gqa(ckpt, out, lm_head="screened")
+    assert report["argmax_equal"] and (out.parent / "lm_head.npy").is_file()
+    decoder = OrtDecoder(out, out.parent / "embed_tokens.npy")
+    assert decoder.lm_head_rows is not decoder.table
+    np.testing.assert_array_equal(decoder.lm_head_rows, untied.lm_head.weight.detach().numpy())
+    prompt, _ = prompts[1]
+    with torch.no_grad():
+        embeds = torch.from_numpy(prompt.embeds)[None]
+        hidden = untied.model.language_model(inputs_embeds=embeds, position_ids=torch.from_numpy(prompt.position_ids))
+        expected = int(untied.lm_head(hidden.last_hidden_state[0, -1]).argmax())
+    ids, _ = decoder.greedy(prompt.embeds, prompt.position_ids, prompt.rope_delta, max_new_tokens=1)
+    assert ids == [expected]

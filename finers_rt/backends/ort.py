@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..manifest import decoder_attention, load_manifest
+from ..manifest import decoder_attention, lm_head, load_manifest
 from ..specs import DECODER_SPECS, SAM2_DECODER, SAM2_ENCODER, VISION
 from ..trt_engines import graph_profile
 
@@ -79,7 +79,7 @@ def providers_for(device: str, precision: str = "fp32") -> list:
 
 def expected_digests(engine_dir: Path) -> dict[str, str]:
     """{graph path: spec digest} this runtime expects, derived from the stage configs and the
-    manifest's decoder_attention (an unknown kind gets no spec, so the folder is refused as stale)."""
+    manifest's decoder_attention and lm_head (an unknown kind gets no spec, so the folder is refused as stale)."""
     digests = {"sam2/sam2_encoder.onnx": SAM2_ENCODER.digest(), "sam2/sam2_decoder.onnx": SAM2_DECODER.digest()}
     decoder_spec = DECODER_SPECS.get(decoder_attention(engine_dir))
     for stage in ("gse", "lpr"):
@@ -88,7 +88,11 @@ def expected_digests(engine_dir: Path) -> dict[str, str]:
         if decoder_spec is None:
             digests[f"{stage}/decoder.onnx"] = "unknown decoder_attention"
         elif cfg_path.is_file():
-            digests[f"{stage}/decoder.onnx"] = decoder_spec(json.loads(cfg_path.read_text())).digest()
+            try:
+                spec = decoder_spec(json.loads(cfg_path.read_text()), lm_head=lm_head(engine_dir))
+                digests[f"{stage}/decoder.onnx"] = spec.digest()
+            except ValueError as e:  # an lm_head this runtime does not know: refused as stale
+                digests[f"{stage}/decoder.onnx"] = str(e)
         else:
             digests[f"{stage}/decoder.onnx"] = "missing config.json"
     return digests

@@ -23,6 +23,7 @@ import onnxruntime as ort
 
 from ..config import ENDOFTEXT_ID, IM_END_ID
 from ..qwen_rope import decode_position_ids
+from .lm_head import is_screened, lm_head_rows
 from .ort_decode_gqa import GqaSteps, KVCache
 from .ort_session import open_session
 
@@ -45,6 +46,8 @@ class OrtDecoder:
         _, self.kv_heads, _, self.head_dim = inputs[self.past_names[0]].shape  # [B, KV, P or capacity, D]
         self.vocab = self.session.get_outputs()[0].shape[1]  # logits [B, V]
         self.gqa = "seqlens_k" in inputs  # GroupQueryAttention graph: fixed-size in-place KV cache
+        # float32 lm_head [V, H] a screened graph rescores its candidates from (None: exact logits out)
+        self.lm_head_rows = lm_head_rows(self.session, onnx_path, self.table) if is_screened(self.session) else None
         self.kv_cache = KVCache(self.past_names, self.kv_heads, self.head_dim, self.device) if self.gqa else None
         if self.gqa and self.device != "cpu" and inputs[self.past_names[0]].type == "tensor(float)":
             raise ValueError(f"{onnx_path}: a float32 GQA decoder cannot run on {self.device}: ONNX Runtime's CUDA "
@@ -137,9 +140,12 @@ class OrtDecoder:
 
     @staticmethod
     def _pick(logits: np.ndarray, forced_ids: list[int] | None, step: int) -> int:
-        """Greedy id from logits [1, V], or the script's token at `step` in forced mode."""
+        """Greedy id from logits [1, V] (or a screened head's `ScreenedScores` row), or the script's
+        token at `step` in forced mode (the greedy id is still computed: a forced run times the
+        work a real one does, the screened head's rescoring included)."""
+        greedy = int(logits.argmax())
         if forced_ids is None:
-            return int(logits.argmax())
+            return greedy
         return int(forced_ids[step]) if step < len(forced_ids) else IM_END_ID
 
     def close(self) -> None:

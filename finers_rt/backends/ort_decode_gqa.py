@@ -8,7 +8,8 @@ past_* input and the present_* output: GroupQueryAttention sees the same buffer 
 new slots, in place. Row r keeps its tokens contiguous from slot 0 (prompts are RIGHT-padded): its
 prompt fills slots [0, lengths[r]) and decode step t (1, 2, ...) writes slot lengths[r] + t - 1.
 Every decode-step input (embeds [rows, 1, H], position_ids [3, rows, 1], seqlens_k [rows],
-total_sequence_length [], last_index [rows]) and the logits [rows, V] are numpy buffers bound once
+total_sequence_length [], last_index [rows]) and the outputs (logits [rows, V], or a screened head's
+bounds, `lm_head`) are numpy buffers bound once
 and rewritten in place, so a step allocates nothing and every address is fixed for a batch size
 (what a captured CUDA graph needs).
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
+
+from .lm_head import make_head
 
 KV_BLOCK = 256  # capacity is rounded up to this many slots so one buffer serves similar prompts
 
@@ -51,8 +54,8 @@ class GqaSteps:
     def __init__(self, decoder, rows: int, capacity: int):
         self.session, self.table = decoder.session, decoder.table
         self.io = io = decoder.session.io_binding()
-        self.logits = np.empty((rows, decoder.vocab), np.float32)  # outputs bound in the spec's order
-        io.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
+        self.head = make_head(decoder, io, rows)  # logits, or a screened head's bounds (`lm_head`)
+        self.logits = getattr(self.head, "logits", None)
         self.kv = decoder.kv_cache.get(rows, capacity)
         for past, present, value in zip(decoder.past_names, decoder.present_names, self.kv):
             io.bind_ortvalue_input(past, value)
@@ -68,8 +71,8 @@ class GqaSteps:
     def prefill(self, embeds: np.ndarray, position_ids: np.ndarray, lengths: np.ndarray,
                 rope_deltas: np.ndarray) -> np.ndarray:
         """Right-padded prompts: embeds [rows, S, H] float32, position_ids [3, rows, S] int64, lengths
-        (rows,) real tokens per row, rope_deltas (rows,). Returns logits [rows, V] at each row's last
-        token (a view of the bound buffer: read it before the next step)."""
+        (rows,) real tokens per row, rope_deltas (rows,). Returns the scores at each row's last token:
+        logits [rows, V] (the bound buffer: read it before the next step) or `ScreenedScores`."""
         seq = embeds.shape[1]
         self.lengths[:], self.offsets[:] = lengths, rope_deltas
         io = self.io
@@ -82,15 +85,15 @@ class GqaSteps:
         for name, buf in (("inputs_embeds", self.embed), ("position_ids", self.pos), ("seqlens_k", self.seqlens),
                           ("total_sequence_length", self.total), ("last_index", self.last)):
             io.bind_cpu_input(name, buf)  # ORT reads these numpy buffers on every later run
-        return self.logits
+        return self.head.scores
 
     def step(self, ids, t: int) -> np.ndarray:
         """Decode step t >= 1: row r feeds token ids[r] at cache slot lengths[r] + t - 1. Returns
-        logits [rows, V] (the bound buffer)."""
+        the scores, as `prefill`."""
         np.take(self.table, ids, axis=0, out=self.embed[:, 0])
         np.add(self.lengths, t - 1, out=self.seqlens)
         np.add(self.seqlens, self.offsets, out=self.pos[0, :, 0])
         self.pos[1:] = self.pos[0]  # text tokens: the same position on the t, h and w axes
         self.total[...] = self.seqlens.max() + 1
         self.session.run_with_iobinding(self.io)
-        return self.logits
+        return self.head.scores
