@@ -41,6 +41,7 @@ from .config import PRESETS
 from .cost import GSE_SIZE, LPR_SIZE, PRECISIONS, StageWork, VLMConfig
 from .cost_sam2 import SAM2_MODELS, sam2_model_in
 from .devices import DEVICES, get_device
+from .manifest import lm_head
 from .plan import Models, parse_pair, plan_floors
 from .result import TIMING_KEYS
 
@@ -136,7 +137,8 @@ def floors_ms(cfg: BenchConfig, precision: str, result, floor_device: str) -> di
     works = {"gse": StageWork(GSE_SIZE, text["gse"], result.tokens["gse"]),
              "lpr": StageWork(LPR_SIZE, text["lpr"], result.tokens["lpr"])}
     prec = precision if precision in PRECISIONS else "fp32"
-    return {f.stage: f.floor_ms for f in plan_floors(models, get_device(floor_device), prec, works)}
+    head = lm_head(cfg.path) if cfg.backend == "ort" else "fp32"  # a screened head reads int8 weights
+    return {f.stage: f.floor_ms for f in plan_floors(models, get_device(floor_device), prec, works, head)}
 
 
 def _text_tokens(cfg: BenchConfig, result) -> dict[str, int]:

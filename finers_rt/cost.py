@@ -242,23 +242,35 @@ def prefill_cost(t: TextConfig, s: int, p: Precision) -> Cost:
     return Cost(flops, moved)
 
 
-def decode_cost(t: TextConfig, prompt: int, new_tokens: int, p: Precision) -> Cost:
-    """new_tokens - 1 steps after a prompt of `prompt` tokens; step j attends over prompt + j keys."""
+# Bytes per lm_head weight a decode step reads, by head (`finers-rt export --lm-head`); None: the
+# precision's. screened: int8 weights + three float32 per vocab row (scale, two bound terms).
+LM_HEAD_BYTES = {"fp32": None, "screened": 1.0}
+SCREENED_ROW_BYTES = 12
+
+
+def decode_cost(t: TextConfig, prompt: int, new_tokens: int, p: Precision, lm_head: str = "fp32") -> Cost:
+    """new_tokens - 1 steps after a prompt of `prompt` tokens; step j attends over prompt + j keys.
+    lm_head "screened": the head is read in int8 (`LM_HEAD_BYTES`); its few rescored rows are not counted."""
     steps = max(new_tokens - 1, 0)
     keys = steps * prompt + steps * (steps + 1) / 2  # sum over steps j = 1..steps of (prompt + j)
     flops = steps * 2 * (t.layers * t.layer_matmul + t.vocab * t.hidden) + 4 * t.layers * t.hidden * keys
-    moved = steps * t.streamed_params * p.weight_bytes + _kv_bytes(t, keys + steps, p)  # read + write
+    head = t.vocab * t.hidden
+    head_bytes = head * p.weight_bytes
+    if LM_HEAD_BYTES[lm_head] is not None:
+        head_bytes = head * LM_HEAD_BYTES[lm_head] + t.vocab * SCREENED_ROW_BYTES
+    weights = (t.streamed_params - head) * p.weight_bytes + head_bytes
+    moved = steps * weights + _kv_bytes(t, keys + steps, p)  # read + write
     return Cost(flops, moved)
 
 
-def vlm_costs(cfg: VLMConfig, work: StageWork, p: Precision) -> dict[str, Cost]:
+def vlm_costs(cfg: VLMConfig, work: StageWork, p: Precision, lm_head: str = "fp32") -> dict[str, Cost]:
     """{"vision", "prefill", "decode"} for one stage; the vision tower at `vision_precision(p)`."""
     rows, cols = work.grid(cfg.vision)
     prompt = work.prompt_tokens(cfg.vision)
     return {
         "vision": vision_cost(cfg.vision, rows, cols, vision_precision(p)),
         "prefill": prefill_cost(cfg.text, prompt, p),
-        "decode": decode_cost(cfg.text, prompt, work.decode_tokens, p),
+        "decode": decode_cost(cfg.text, prompt, work.decode_tokens, p, lm_head),
     }
 
 

@@ -90,18 +90,20 @@ def default_works(decode_tokens: tuple[int, int]) -> dict[str, StageWork]:
             "lpr": StageWork(LPR_SIZE, LPR_TEXT_TOKENS, decode_tokens[1])}
 
 
-def stage_costs(models: Models, works: dict[str, StageWork], precision: str) -> dict[str, Cost]:
+def stage_costs(models: Models, works: dict[str, StageWork], precision: str, lm_head: str = "fp32") -> dict[str, Cost]:
     p = PRECISIONS[precision]
     costs = {}
     for stage, cfg in (("gse", models.gse), ("lpr", models.lpr)):
-        costs.update({f"{stage}_{k}": c for k, c in vlm_costs(cfg, works[stage], p).items()})
+        costs.update({f"{stage}_{k}": c for k, c in vlm_costs(cfg, works[stage], p, lm_head).items()})
     costs.update({f"sam2_{k}": c for k, c in sam2_costs(models.sam2, vision_precision(p)).items()})
     return costs
 
 
-def plan_floors(models: Models, device: Device, precision: str, works: dict[str, StageWork]) -> list[Floor]:
-    """One Floor per stage in STAGES order; LLM stages at `precision`, vision/SAM2 16-bit."""
-    costs = stage_costs(models, works, precision)
+def plan_floors(models: Models, device: Device, precision: str, works: dict[str, StageWork],
+                lm_head: str = "fp32") -> list[Floor]:
+    """One Floor per stage in STAGES order; LLM stages at `precision`, vision/SAM2 16-bit;
+    lm_head: the decoder's output head (`cost.LM_HEAD_BYTES`)."""
+    costs = stage_costs(models, works, precision, lm_head)
     llm, vis = PRECISIONS[precision], vision_precision(PRECISIONS[precision])
     bw = device.bandwidth_gbs.value
     return [floor(s, costs[s], device.peak((llm if "prefill" in s or "decode" in s else vis).math), bw)

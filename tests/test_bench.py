@@ -58,6 +58,14 @@ def test_decode_cost_small_config():
     assert c.bytes == 4176 + 288
 
 
+def test_decode_cost_with_a_screened_lm_head():
+    """The screened head reads its 80 weights (vocab 10 x hidden 8) in int8 plus 12 B per vocab row."""
+    c = decode_cost(SMALL, prompt=3, new_tokens=4, p=BF16, lm_head="screened")
+    assert c.flops == 3936 + 480  # the same math
+    # per step: the other 616 weights at 2 B + the head 80 * 1 B + 10 rows * 12 B = 1432; 3 steps
+    assert c.bytes == 3 * (616 * 2 + 80 + 120) + 288
+
+
 def test_vision_cost_small_config():
     v = VisionConfig(depth=2, hidden=4, heads=1, intermediate=8, out_hidden=6, fullatt_blocks=(1,), window=56)
     c = vision_cost(v, rows=4, cols=6, p=BF16)
