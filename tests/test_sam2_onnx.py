@@ -230,3 +230,37 @@ def test_runtime_imports_no_torch():
             "print(sorted(m for m in ('torch', 'torchvision', 'sam2') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_gelu_rewrite_keeps_values_and_lets_ort_fuse(exported, tmp_path):
+    """The exporter's x * (0.5 * (1 + erf(x / sqrt 2))) is reordered so ORT fuses it: the optimized
+    encoder has Gelu nodes and no Erf left; on a hand-built graph the rewrite's output equals the
+    exact GELU computed with math.erf in float64 (to float32 rounding)."""
+    import math
+
+    import onnx
+    import onnxruntime as ort
+    from finers_rt.export.onnx_gelu import reorder_erf_gelu
+    from onnx import TensorProto, helper, numpy_helper
+
+    sam2_dir, report = exported
+    assert report["encoder"]["gelu_reordered"] == 12  # hiera-t: one GELU per block MLP
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(sam2_dir / "sam2_encoder.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("Gelu") == 12 and "Erf" not in ops
+
+    consts = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in
+              (("sqrt2", math.sqrt(2)), ("one", 1.0), ("half", 0.5))]
+    nodes = [helper.make_node("Div", ["x", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["a"]), helper.make_node("Mul", ["half", "a"], ["h"]),
+             helper.make_node("Mul", ["x", "h"], ["y"])]
+    graph = helper.make_graph(nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])], initializer=consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    assert reorder_erf_gelu(model) == 1
+    x = np.linspace(-6, 6, 64).astype(np.float32)
+    (y,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    exact = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    np.testing.assert_allclose(y, exact, rtol=0, atol=1e-6)
