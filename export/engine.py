@@ -115,11 +115,9 @@ def export_engines(checkpoints: Path, out: Path, *, precision: str = "fp32", ove
         raise ValueError(f"--precision must be one of {PRECISIONS} for ONNX export, got {precision!r}")
     if decoder_attention not in DECODER_EXPORTERS:
         raise ValueError(f"decoder_attention must be one of {sorted(DECODER_EXPORTERS)}, got {decoder_attention!r}")
-    if decoder_attention == "gqa" and precision == "fp16":
-        # to_fp16 keeps fp32 IO: Casts would sit between the bound cache and the op, so the cache
-        # could no longer be shared in place; an fp16-IO GQA graph is not written yet.
-        raise ValueError("--decoder-attention gqa is fp32/int8/int4 only: the fp16 conversion would cast "
-                         "its in-place KV cache out of place")
+    # fp16 GQA decoders are built in float16 with float16 KV IO (to_fp16 would keep fp32 IO and put
+    # Casts between the bound cache and the op) and verified in float16 against HF float32.
+    kv_dtype = "float16" if (decoder_attention == "gqa" and precision == "fp16") else "float32"
     if lm_head not in LM_HEADS:
         raise ValueError(f"lm_head must be one of {LM_HEADS}, got {lm_head!r}")
     if lm_head == "screened" and (decoder_attention != "gqa" or precision != "fp32"):
@@ -149,7 +147,7 @@ def export_engines(checkpoints: Path, out: Path, *, precision: str = "fp32", ove
             graphs[f"{stage}/vision.onnx"] = _entry(VISION.digest(), report)
         else:
             dec = out / stage / "decoder.onnx"
-            head = {"lm_head": lm_head} if decoder_attention == "gqa" else {}
+            head = {"lm_head": lm_head, "dtype": kv_dtype} if decoder_attention == "gqa" else {}
             report = DECODER_EXPORTERS[decoder_attention](src, dec, opset=OPSET, **head)
             if precision in ("int8", "int4"):
                 fp32 = dec.with_name("decoder.fp32.onnx")
@@ -158,7 +156,8 @@ def export_engines(checkpoints: Path, out: Path, *, precision: str = "fp32", ove
                 drift = compare_with_fp32(fp32, dec, out / stage / "embed_tokens.npy")
                 fp32.unlink()
                 report = {**report, "quantized_matmuls": n, "vs_fp32": drift}
-            spec = DECODER_SPECS[decoder_attention](json.loads((src / "config.json").read_text()), lm_head=lm_head)
+            spec = DECODER_SPECS[decoder_attention](json.loads((src / "config.json").read_text()), lm_head=lm_head,
+                                                    kv_dtype=kv_dtype)
             graphs[f"{stage}/decoder.onnx"] = _entry(spec.digest(), report)
             for name in STAGE_FILES:
                 if (src / name).is_file():
@@ -166,6 +165,9 @@ def export_engines(checkpoints: Path, out: Path, *, precision: str = "fp32", ove
         log.info("%s %s verified: %s", stage, graph or "encoder+decoder", report)
     if precision == "fp16":  # after every graph verified in fp32; fp16 runs only on GPU providers
         for rel in graphs:
+            if kv_dtype == "float16" and rel.endswith("/decoder.onnx"):
+                graphs[rel]["fp16"] = "exported in float16 (float16 KV IO), verified vs HF float32 on the CPU"
+                continue
             to_fp16(out / rel)
             graphs[rel]["fp16"] = "converted after fp32 verification; unverified on hardware here"
     manifest = {
@@ -175,6 +177,7 @@ def export_engines(checkpoints: Path, out: Path, *, precision: str = "fp32", ove
         "vision_attention": vision_attention,
         "decoder_attention": decoder_attention,
         "lm_head": lm_head,
+        "decoder_kv_dtype": kv_dtype,
         "opset": OPSET,
         "checkpoints": str(checkpoints),
         "sources": {s: hash_tree(checkpoints / s) for s in ("gse", "lpr", "sam2")},

@@ -12,6 +12,17 @@ each row's `last_index` hidden state -> final norm -> lm_head: float32 logits, o
 "screened", `lm_head_screen`) an int8 pass giving bounds on every logit plus the normed hidden state,
 from which the host takes the exact argmax (`finers_rt.backends.lm_head`).
 
+dtype "float16" (the GPU graph: ORT's CUDA GroupQueryAttention is float16/bfloat16 only) writes the
+same graph with float16 weights, activations and past_*/present_* KV IO, so the cache OrtValue binds
+straight to the op, in place (no Cast between them; `quantize.to_fp16` would keep float32 IO and put
+one there). The float32 edges stay: inputs_embeds is Cast to float16 on entry and the logits to
+float32 on exit (the host's embedding table, image features and argmax stay float32). Kept float32
+inside, as HF's fp16 model keeps them: the M-RoPE angles/cos/sin (positions up to ~9k rad: float16's
+spacing there is 4-8) and the RMSNorm statistics (SimplifiedLayerNormalization's stash_type, 1 by
+default).
+Verified against HF in float32 at the spec's float16 tolerance. ORT 1.31.1's CPU provider has
+float16 kernels for every op used (GroupQueryAttention included, in place), so it verifies here.
+
 GroupQueryAttention semantics relied on (ORT 1.31.1 CPU kernel; checked against numpy attention
 with a 3-row ragged batch before this exporter was written, and by `verify_decoder` on every export):
 - q [B, S, N*D], k/v [B, S, KV*D] (BSNH, post-RoPE); query head h reads KV head h // (N / KV), as
@@ -82,8 +93,9 @@ class _Graph:
 class _Builder:
     """Writes the decoder graph of one HF Qwen2.5-VL model into a `_Graph`."""
 
-    def __init__(self, model):
+    def __init__(self, model, dtype: str = "float32"):
         text = model.model.language_model
+        self.dtype = np.dtype(dtype)  # weights, activations and KV cache: float32 or float16
         cfg = text.config
         self.text, self.lm_head, self.g = text, model.lm_head, _Graph()
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -96,16 +108,31 @@ class _Builder:
         self.inv_freq = rotary.inv_freq.detach().float().numpy()  # [D/2]: HF's own buffer, bit-exact
         self.mrope_section = list(rotary.mrope_section)  # rotary pairs per (t, h, w) axis, sums to D/2
 
+    def _weight(self, name: str, value: np.ndarray) -> str:
+        """An initializer in the graph's dtype (float16: rounded from the float32 checkpoint, as
+        HF's `.half()` does)."""
+        return self.g.const(name, value.astype(self.dtype, copy=False))
+
     def _linear(self, name: str, x: str, linear: torch.nn.Linear) -> str:
         """x [..., in] @ W^T (+ b): the weight is stored transposed, [in, out], as MatMul wants it."""
-        y = self.g.op("MatMul", x, self.g.const(f"{name}.weight", linear.weight.detach().float().numpy().T))
+        y = self.g.op("MatMul", x, self._weight(f"{name}.weight", linear.weight.detach().float().numpy().T))
         if linear.bias is None:
             return y
-        return self.g.op("Add", y, self.g.const(f"{name}.bias", linear.bias.detach().float().numpy()))
+        return self.g.op("Add", y, self._weight(f"{name}.bias", linear.bias.detach().float().numpy()))
 
     def _norm(self, name: str, x: str, norm) -> str:
-        weight = self.g.const(f"{name}.weight", norm.weight.detach().float().numpy())
+        """HF RMSNorm. The op's stash_type defaults to 1: the mean of squares and its rsqrt are
+        float32 for a float16 x too (ORT 1.31 CPU, checked: a float16 x with sum of squares 5.8e6
+        normalises with no overflow), as HF's Qwen2RMSNorm upcasts; a float16 sum of squares
+        would overflow (65504) once activations reach ~4 over H = 3584 channels."""
+        weight = self._weight(f"{name}.weight", norm.weight.detach().float().numpy())
         return self.g.op("SimplifiedLayerNormalization", x, weight, axis=-1, epsilon=self.eps)
+
+    def from_fp32(self, x: str) -> str:
+        """A float32 tensor in the graph's dtype (a Cast node for a float16 graph only)."""
+        if self.dtype == np.float32:
+            return x
+        return self.g.op("Cast", x, to=helper.np_dtype_to_tensor_dtype(self.dtype))
 
     def rope_tables(self, position_ids: str) -> tuple[str, str]:
         """(cos, signed sin), each [B, S, 1, D], from position_ids [3, B, S] (HF M-RoPE, merged sections).
@@ -113,6 +140,7 @@ class _Builder:
         Frequency j in [0, D/2) takes its position from axis t, h or w by mrope_section (HF's
         `recomposition_frequencies`); both halves of D repeat the D/2 angles. The sin table carries
         rotate_half's sign (-sin on the first half), so rotation is x*cos + swap_halves(x)*sin.
+        Computed in float32 and cast to the graph's dtype (HF's rotary_emb does the same).
         """
         g, half = self.g, self.head_dim // 2
         axis_of_freq = np.repeat(np.arange(len(self.mrope_section)) % 3, self.mrope_section).astype(np.int64)
@@ -121,7 +149,8 @@ class _Builder:
                       g.const("rope.inv_freq", self.inv_freq))  # [B, S, D/2]
         angles = g.op("Unsqueeze", g.op("Concat", angles, angles, axis=-1), g.const("rope.axes", np.array([2])))
         sign = np.concatenate([-np.ones(half), np.ones(half)]).astype(np.float32)
-        return g.op("Cos", angles), g.op("Mul", g.op("Sin", angles), g.const("rope.sign", sign))
+        cos, sin = g.op("Cos", angles), g.op("Mul", g.op("Sin", angles), g.const("rope.sign", sign))
+        return self.from_fp32(cos), self.from_fp32(sin)
 
     def _rotate(self, x: str, heads: int, cos: str, sin: str) -> str:
         """x [B, S, heads*D] -> the same with HF's rotate_half RoPE applied per head."""
@@ -153,14 +182,19 @@ class _Builder:
 
     def logits(self, hidden: str, lm_head: str = "fp32") -> None:
         """Row b's hidden state at last_index[b] -> final norm -> lm_head: the spec's head outputs
-        (fp32: logits [B, V]; screened: logits_lo, logits_hi [B, V] and hidden [B, H])."""
+        (fp32: logits [B, V] float32, computed in the graph's dtype, as HF's lm_head; screened:
+        logits_lo, logits_hi [B, V] and hidden [B, H], float32 graphs only)."""
         g, size = self.g, self.text.config.hidden_size
         index = g.op("Unsqueeze", "last_index", g.const("axes.12", np.array([1, 2])))  # [B, 1, 1]
         index = g.op("Expand", index, g.const("shape.1_1_h", np.array([1, 1, size])))  # [B, 1, H]
         last = g.op("GatherElements", hidden, index, axis=1)  # [B, 1, H]
         normed = g.op("Squeeze", self._norm("norm", last, self.text.norm), g.const("axes.1", np.array([1])))  # [B, H]
         if lm_head == "fp32":
-            g.op("MatMul", normed, g.const("lm_head.weight", self.head_weight().T), outputs=["logits"])
+            weight = self._weight("lm_head.weight", self.head_weight().T)
+            if self.dtype == np.float32:
+                g.op("MatMul", normed, weight, outputs=["logits"])
+            else:  # float16 logits [B, V] -> the float32 output the host's argmax reads
+                g.op("Cast", g.op("MatMul", normed, weight), to=onnx.TensorProto.FLOAT, outputs=["logits"])
             return
         lo, hi = add_screened_head(g, normed, screen_tables(self.head_weight()))
         for name, value in (("logits_lo", lo), ("logits_hi", hi), ("hidden", normed)):
@@ -175,10 +209,11 @@ class _Builder:
 
 def build_graph(model, spec, lm_head: str = "fp32", rows_file: str | None = None):
     """The onnx ModelProto of `model`'s text decoder with `spec`'s IO (weights as initializers).
-    rows_file: for a screened head, the .npy beside the graph holding the float32 lm_head."""
-    b = _Builder(model)
+    rows_file: for a screened head, the .npy beside the graph holding the float32 lm_head.
+    The graph's dtype is the spec's KV dtype (float32 or float16)."""
+    b = _Builder(model, _kv_dtype(spec))
     cos, sin = b.rope_tables("position_ids")
-    hidden = "inputs_embeds"
+    hidden = b.from_fp32("inputs_embeds")  # float32 [B, S, H] in -> the graph's dtype
     for i in range(len(b.text.layers)):
         hidden = b.layer(i, hidden, cos, sin)
     b.logits(hidden, lm_head)
@@ -194,12 +229,17 @@ def build_graph(model, spec, lm_head: str = "fp32", rows_file: str | None = None
     return model_proto
 
 
-def spec_for(model, lm_head: str = "fp32"):
-    """The decoder_gqa GraphSpec of this model's text config."""
+def _kv_dtype(spec) -> str:
+    """The spec's past_*/present_* dtype: the graph's weight/activation/KV dtype."""
+    return next(t.dtype for t in spec.inputs if t.name.startswith("past_"))
+
+
+def spec_for(model, lm_head: str = "fp32", dtype: str = "float32"):
+    """The decoder_gqa GraphSpec of this model's text config (dtype: its KV dtype)."""
     cfg = model.model.language_model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return decoder_gqa_spec(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, cfg.hidden_size,
-                            cfg.vocab_size, lm_head=lm_head)
+                            cfg.vocab_size, lm_head=lm_head, kv_dtype=dtype)
 
 
 def save(model_proto, out_path: Path) -> None:
@@ -221,7 +261,8 @@ def _ort_steps(out_path: Path, spec, feeds, screened: dict | None = None) -> lis
     capacity = sum(embeds.shape[1] for embeds, _ in feeds)
     kv_names = [t.name for t in spec.inputs if t.name.startswith("past_")]
     _, kv_heads, _, head_dim = spec.inputs[-1].shape
-    cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kv_heads, capacity, head_dim), np.float32))
+    kv_dtype = np.dtype(_kv_dtype(spec))  # float32, or float16 for the fp16 graph
+    cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kv_heads, capacity, head_dim), kv_dtype))
              for _ in kv_names]
     io, logits, total = session.io_binding(), [], 0
     heads = [t for t in spec.outputs if not t.name.startswith("present_")]
@@ -259,11 +300,14 @@ def _check_screened(out: dict[str, np.ndarray], screened: dict) -> np.ndarray:
     return full
 
 
-def export_decoder_gqa(checkpoint: Path, out_path: Path, *, opset: int = 18, lm_head: str = "fp32") -> dict:
+def export_decoder_gqa(checkpoint: Path, out_path: Path, *, opset: int = 18, lm_head: str = "fp32",
+                       dtype: str = "float32") -> dict:
     """Export `checkpoint`'s text decoder as the GQA graph to `out_path` (+ embed_tokens.npy), verified.
 
     lm_head: "fp32" (logits out) or "screened" (bounds + hidden out, `lm_head_screen`; an untied
-    lm_head is saved as lm_head.npy beside the graph for the host's rescoring). Returns the
+    lm_head is saved as lm_head.npy beside the graph for the host's rescoring; float32 only).
+    dtype: "float32" or "float16" (weights, activations and KV IO; the GPU graph, module docstring),
+    verified against HF in float32 either way, at the spec's tolerance for that dtype. Returns the
     verification report (max_abs_diff, mismatch_pct, argmax_equal, ...); raises RuntimeError when
     the graph's logits differ from HF's by more than the spec's atol (screened: the logits of its
     hidden state, which must also lie inside its bounds at every step).
@@ -273,7 +317,7 @@ def export_decoder_gqa(checkpoint: Path, out_path: Path, *, opset: int = 18, lm_
     checkpoint, out_path = Path(checkpoint), Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     model = load_model(checkpoint)
-    spec = spec_for(model, lm_head)
+    spec = spec_for(model, lm_head, dtype)
     save_embed_table(model, out_path.parent)
     rows_file, screened = None, None
     if lm_head == "screened":
@@ -288,7 +332,7 @@ def export_decoder_gqa(checkpoint: Path, out_path: Path, *, opset: int = 18, lm_
     export_s = time.perf_counter() - t0
     report = verify_decoder(model, out_path, spec, ort_steps=functools.partial(_ort_steps, screened=screened))
     report.update(exporter="onnx.helper", attention="GroupQueryAttention", opset=opset, export_s=round(export_s, 1),
-                  lm_head=lm_head)
+                  lm_head=lm_head, dtype=dtype)
     if screened is not None:
         report["screened_candidates_max"] = max(screened["candidates"])
     return check_report(out_path, spec, report)

@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-attention", choices=["onnx", "gqa"], default=None,
                    help="onnx: standard ops, KV cache grown by Concat; gqa: ORT's GroupQueryAttention "
                         "contrib op (ONNX Runtime only) with a fixed-size KV cache written in place: faster "
-                        "prefill, no per-step cache copies (CPU; not with --precision fp16)")
+                        "prefill, no per-step cache copies (float32: CPU only; with --precision fp16 the decoder "
+                        "is built in float16 with a float16 cache, for ORT CUDA: unverified on a GPU)")
     p.add_argument("--lm-head", choices=["fp32", "screened"], default=None,
                    help="fp32: float32 logits; screened (float32 GQA decoder only): int8 bounds on every logit, "
                         "the host rescores in float32 the few rows that can be the argmax: the same greedy ids, "

@@ -50,6 +50,13 @@ def lm_head(engine_dir: Path) -> str:
     return json.loads(path.read_text()).get("lm_head", "fp32") if path.is_file() else "fp32"
 
 
+def decoder_kv_dtype(engine_dir: Path) -> str:
+    """The folder's GQA decoder KV dtype, `specs.KV_DTYPES`: "float32", or "float16" for the fp16 GQA
+    export (`export_decoder_gqa(dtype="float16")`); "float32" for folders without a manifest or the key."""
+    path = Path(engine_dir) / MANIFEST
+    return json.loads(path.read_text()).get("decoder_kv_dtype", "float32") if path.is_file() else "float32"
+
+
 def write_manifest(engine_dir: Path, manifest: dict) -> None:
     (Path(engine_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from .config import GSE, LPR
-from .manifest import StaleEngineError, decoder_attention, lm_head
+from .manifest import StaleEngineError, decoder_attention, decoder_kv_dtype, lm_head
 from .qwen_vision_host import VisionPreprocessConfig, vision_dims
 from .specs import (
     DECODER_SPECS,
@@ -49,7 +49,8 @@ def graph_spec(engine_dir: Path, rel: str) -> GraphSpec:
         return VISION
     if name == "decoder":  # ORT-only graphs (decoders run on ORT CUDA); the TensorRT EP reads their profile
         config = json.loads((Path(engine_dir) / Path(rel).parent / "config.json").read_text())
-        return DECODER_SPECS[decoder_attention(engine_dir)](config, lm_head=lm_head(engine_dir))
+        return DECODER_SPECS[decoder_attention(engine_dir)](config, lm_head=lm_head(engine_dir),
+                                                            kv_dtype=decoder_kv_dtype(engine_dir))
     specs = {"sam2_encoder": SAM2_ENCODER, "sam2_decoder": SAM2_DECODER}
     if name not in specs:
         raise ValueError(f"no graph spec for {rel}")

@@ -218,17 +218,31 @@ def test_pipeline_equals_standard_folder(tiny_engines, gqa_engines, screened_eng
             np.testing.assert_array_equal(got.mask, ref.mask)
 
 
-def test_cli_flag_and_fp16_refusal(tmp_path):
-    from finers_rt.export.engine import export_engines
-
+def test_cli_flag():
     from finers_rt.cli import build_parser
 
     args = build_parser().parse_args(["export", "--checkpoints", "c", "--out", "o", "--decoder-attention", "gqa"])
     assert args.decoder_attention == "gqa"
     assert build_parser().parse_args(["export", "--checkpoints", "c", "--out", "o"]).decoder_attention is None
-    with pytest.raises(ValueError, match="fp16"):
-        export_engines(tmp_path, tmp_path / "out", precision="fp16", decoder_attention="gqa")
 
+
+def test_fp16_gqa_folder_has_a_float16_decoder_the_runtime_accepts(tiny_ckpt, tiny_engines, tmp_path):
+    """`--precision fp16 --decoder-attention gqa`: the decoders are exported in float16 (float16 KV
+    IO, verified against HF float32), not passed through to_fp16; the manifest matches the specs."""
+    import onnx
+
+    from finers_rt.backends.ort import expected_digests
+    from finers_rt.manifest import load_manifest
+
+    out = _decoder_export(tiny_ckpt, tiny_engines, tmp_path / "fp16", decoder_attention="gqa", precision="fp16")
+    manifest = load_manifest(out, expected_digests(out))  # raises if a digest does not match
+    assert manifest["decoder_kv_dtype"] == "float16"
+    entry = manifest["graphs"]["gse/decoder.onnx"]
+    assert entry["verification"]["argmax_equal"] and "exported in float16" in entry["fp16"]
+    graph = onnx.load(str(out / "gse" / "decoder.onnx")).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
+    assert types["past_key_0"] == types["present_key_0"] == onnx.TensorProto.FLOAT16
+    assert types["inputs_embeds"] == types["logits"] == onnx.TensorProto.FLOAT
 
 
 @pytest.mark.parametrize("flags,kinds", [

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..manifest import decoder_attention, lm_head, load_manifest
+from ..manifest import decoder_attention, decoder_kv_dtype, lm_head, load_manifest
 from ..specs import DECODER_SPECS, SAM2_DECODER, SAM2_ENCODER, VISION
 from ..trt_engines import graph_profile
 
@@ -79,7 +79,8 @@ def providers_for(device: str, precision: str = "fp32") -> list:
 
 def expected_digests(engine_dir: Path) -> dict[str, str]:
     """{graph path: spec digest} this runtime expects, derived from the stage configs and the
-    manifest's decoder_attention and lm_head (an unknown kind gets no spec, so the folder is refused as stale)."""
+    manifest's decoder_attention, lm_head and decoder_kv_dtype (an unknown kind gets no spec, so the
+    folder is refused as stale)."""
     digests = {"sam2/sam2_encoder.onnx": SAM2_ENCODER.digest(), "sam2/sam2_decoder.onnx": SAM2_DECODER.digest()}
     decoder_spec = DECODER_SPECS.get(decoder_attention(engine_dir))
     for stage in ("gse", "lpr"):
@@ -89,9 +90,10 @@ def expected_digests(engine_dir: Path) -> dict[str, str]:
             digests[f"{stage}/decoder.onnx"] = "unknown decoder_attention"
         elif cfg_path.is_file():
             try:
-                spec = decoder_spec(json.loads(cfg_path.read_text()), lm_head=lm_head(engine_dir))
+                spec = decoder_spec(json.loads(cfg_path.read_text()), lm_head=lm_head(engine_dir),
+                                    kv_dtype=decoder_kv_dtype(engine_dir))
                 digests[f"{stage}/decoder.onnx"] = spec.digest()
-            except ValueError as e:  # an lm_head this runtime does not know: refused as stale
+            except ValueError as e:  # an lm_head or KV dtype this runtime does not know: refused as stale
                 digests[f"{stage}/decoder.onnx"] = str(e)
         else:
             digests[f"{stage}/decoder.onnx"] = "missing config.json"

@@ -292,7 +292,8 @@ def greedy_batch(
 
 def _greedy_batch_gqa(decoder: OrtDecoder, prompts: list[Prompt], max_new_tokens: int, stop_ids,
                       buckets: tuple[int, ...] | None) -> tuple[list[list[int]], dict[str, float]]:
-    """`greedy_batch` on the GQA graph: right padding, fixed buffers, finished rows keep stepping."""
+    """`greedy_batch` on the GQA graph: right padding, fixed buffers, finished rows keep stepping.
+    The KV cache has the graph's dtype (float32 or float16: `OrtDecoder.kv_cache`, via `GqaSteps`)."""
     rows = bucket_rows(len(prompts), buckets)
     batch = right_pad(prompts, rows)
     state = _Rows(prompts, rows, max_new_tokens, stop_ids)

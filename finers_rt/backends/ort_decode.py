@@ -11,7 +11,8 @@ preallocated buffers, re-binds the attention mask (a growing view of one preallo
 and reads the sampled id from a preallocated logits buffer.
 
 GQA graph: a fixed-size KV cache written in place and every step buffer bound once
-(`ort_decode_gqa.GqaSteps`): no binding and no allocation per decode step.
+(`ort_decode_gqa.GqaSteps`): no binding and no allocation per decode step. Its KV dtype is the
+graph's (float32, or float16 for the GPU export); a float32 one is refused on CUDA.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import onnxruntime as ort
 from ..config import ENDOFTEXT_ID, IM_END_ID
 from ..qwen_rope import decode_position_ids
 from .lm_head import is_screened, lm_head_rows
-from .ort_decode_gqa import GqaSteps, KVCache
+from .ort_decode_gqa import GqaSteps, KVCache, check_gqa_device, kv_dtype
 from .ort_session import open_session
 
 STOP_IDS = (IM_END_ID, ENDOFTEXT_ID)
@@ -48,12 +49,11 @@ class OrtDecoder:
         self.gqa = "seqlens_k" in inputs  # GroupQueryAttention graph: fixed-size in-place KV cache
         # float32 lm_head [V, H] a screened graph rescores its candidates from (None: exact logits out)
         self.lm_head_rows = lm_head_rows(self.session, onnx_path, self.table) if is_screened(self.session) else None
-        self.kv_cache = KVCache(self.past_names, self.kv_heads, self.head_dim, self.device) if self.gqa else None
-        if self.gqa and self.device != "cpu" and inputs[self.past_names[0]].type == "tensor(float)":
-            raise ValueError(f"{onnx_path}: a float32 GQA decoder cannot run on {self.device}: ONNX Runtime's CUDA "
-                             "GroupQueryAttention is float16/bfloat16 only, so its attention would run on the CPU "
-                             "(measured 2.3x slower on an H100); export the standard decoder for GPUs "
-                             "(`finers-rt export --decoder-attention onnx`)")
+        self.kv_cache = None
+        if self.gqa:  # KV OrtValues of the graph's past_* dtype (float32 or float16), kept between generates
+            dtype = kv_dtype(self.session, self.past_names[0])
+            check_gqa_device(dtype, self.device, onnx_path)
+            self.kv_cache = KVCache(self.past_names, self.kv_heads, self.head_dim, self.device, dtype)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """(S,) token ids -> (S, H) float32 embeddings (a writable copy: image rows go in after)."""

@@ -13,9 +13,11 @@ bounds, `lm_head`) are numpy buffers bound once
 and rewritten in place, so a step allocates nothing and every address is fixed for a batch size
 (what a captured CUDA graph needs).
 
-CPU only for now: ONNX Runtime's CUDA GroupQueryAttention kernel is float16/bfloat16 only, so a
-float32 graph would run its attention on the CPU (`OrtDecoder` refuses that). CUDA graphs through
-ORT need an fp16 export of this graph with fp16 KV IO (not written yet).
+The cache dtype is the graph's past_* input type (`kv_dtype`): float32, or float16 for the fp16
+export (`export_decoder_gqa(dtype="float16")`), whose KV IO is float16 so the cache binds straight
+to the op. ONNX Runtime's CUDA GroupQueryAttention kernel is float16/bfloat16 only: a float32 graph
+is CPU only (`check_gqa_device`), the float16 one is the GPU graph (it also runs on the CPU: ORT
+1.31.1 has float16 CPU kernels for all its ops, which is how its export verifies and tests run).
 """
 from __future__ import annotations
 
@@ -25,31 +27,56 @@ import onnxruntime as ort
 from .lm_head import make_head
 
 KV_BLOCK = 256  # capacity is rounded up to this many slots so one buffer serves similar prompts
+# ORT's type string of a past_* input -> the KV cache's numpy dtype
+KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def kv_dtype(session: ort.InferenceSession, past_name: str) -> np.dtype:
+    """The numpy dtype of the GQA graph's KV cache: its `past_name` input's element type."""
+    ort_type = next(i.type for i in session.get_inputs() if i.name == past_name)
+    if ort_type not in KV_DTYPES:
+        raise ValueError(f"{past_name} is {ort_type}: the GQA runtime reads float32 or float16 KV caches")
+    return np.dtype(KV_DTYPES[ort_type])
+
+
+def check_gqa_device(dtype: np.dtype, device: str, path) -> None:
+    """Refuse a GQA graph whose attention would not run on `device` ("cpu" or "cuda"): ORT's CUDA
+    GroupQueryAttention is float16/bfloat16 only, so a float32 graph on CUDA silently runs the op
+    on the CPU with Memcpy nodes around it (measured 2.3x slower on an H100)."""
+    if device != "cpu" and np.dtype(dtype) == np.float32:
+        raise ValueError(f"{path}: a float32 GQA decoder cannot run on {device}: ONNX Runtime's CUDA "
+                         "GroupQueryAttention is float16/bfloat16 only, so its attention would run on the CPU "
+                         "(measured 2.3x slower on an H100); for GPUs export the folder with `finers-rt export "
+                         "--device cuda` (standard decoder) or `--precision fp16 --decoder-attention gqa` (float16 "
+                         "GQA, unverified on a GPU)")
 
 
 class KVCache:
     """The KV OrtValues of one decoder, kept between generates and reallocated only when a batch
     has another row count or needs more slots (a 7B GSE batch-1 cache is ~0.5 GB)."""
 
-    def __init__(self, names: list[str], kv_heads: int, head_dim: int, device: str):
+    def __init__(self, names: list[str], kv_heads: int, head_dim: int, device: str, dtype=np.float32):
         self.names, self.kv_heads, self.head_dim, self.device = names, kv_heads, head_dim, device
+        self.dtype = np.dtype(dtype)  # the graph's past_* type (`kv_dtype`): float32 or float16
         self.values: list[ort.OrtValue] = []
         self.rows = self.capacity = 0
 
     def get(self, rows: int, capacity: int) -> list[ort.OrtValue]:
-        """[rows, KV, >= capacity, D] float32 per name (contents undefined: the prompt overwrites)."""
+        """[rows, KV, >= capacity, D] of `dtype` per name (contents undefined: the prompt overwrites)."""
         if rows != self.rows or capacity > self.capacity:
             self.values = []  # free the old buffers before allocating the new ones
             self.rows, self.capacity = rows, -(-capacity // KV_BLOCK) * KV_BLOCK
             shape = [rows, self.kv_heads, self.capacity, self.head_dim]
-            self.values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, 0)
+            self.values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, 0)
                            for _ in self.names]
         return self.values
 
 
 class GqaSteps:
     """Prefill + one-token steps of `rows` right-padded rows on the GQA graph of `decoder` (an
-    `OrtDecoder` whose `gqa` is True). capacity: KV slots every row may reach (prompt + new tokens)."""
+    `OrtDecoder` whose `gqa` is True). capacity: KV slots every row may reach (prompt + new tokens).
+    The cache is the decoder's `KVCache` (its graph's KV dtype); host-side buffers stay float32 /
+    int: a float16 graph casts inputs_embeds in and its logits out itself."""
 
     def __init__(self, decoder, rows: int, capacity: int):
         self.session, self.table = decoder.session, decoder.table
