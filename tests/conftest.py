@@ -36,3 +36,14 @@ def tiny_engines(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     out = tmp_path_factory.mktemp("tiny_engines")
     export_engines(tiny_ckpt, out, overwrite=True, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_ckpt):
+    """(HF float32 model, processor) of the tiny GSE checkpoint: the decoder tests' reference."""
+    import torch
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    ckpt = tiny_ckpt / "gse"
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(ckpt)

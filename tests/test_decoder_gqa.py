@@ -66,15 +66,6 @@ def screened_engines(tiny_ckpt, tiny_engines, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_ckpt):
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    ckpt = tiny_ckpt / "gse"
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(ckpt)
-
-
-@pytest.fixture(scope="module")
 def decoders(tiny_engines, gqa_engines, screened_engines):
     """{"onnx": standard graph, "gqa": GQA graph, "screened": GQA graph + screened lm_head}: OrtDecoders
     of the GSE stage."""

@@ -50,15 +50,6 @@ def decoder(exported):
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_ckpt):
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    ckpt = tiny_ckpt / "gse"
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(ckpt)
-
-
-@pytest.fixture(scope="module")
 def prompts(hf):
     """(Prompt, HF float32 generate ids, smallest top-1 minus top-2 logit along HF's path) per
     IMAGE_PROMPTS entry."""

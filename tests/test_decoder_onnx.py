@@ -33,16 +33,6 @@ IMAGE_PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_ckpt):
-    """(HF model, processor) of the tiny GSE checkpoint."""
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    ckpt = tiny_ckpt / "gse"
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(ckpt)
-
-
-@pytest.fixture(scope="module")
 def exported(tiny_engines):
     """(decoder.onnx, embed_tokens.npy, export report) of the GSE decoder from the session's
     `finers-rt export` (export_decoder verified itself there)."""

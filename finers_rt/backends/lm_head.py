@@ -62,7 +62,6 @@ class ScreenedHead:
         for name, buf in zip(SCREENED_OUTPUTS, (self.lo, self.hi, self.hidden)):
             io.bind_output(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
         self.scores = ScreenedScores(self, slice(None))
-        self.widest = 0  # most rows rescored for one token so far (how tight the bounds are)
 
 
 class ScreenedScores:
@@ -80,9 +79,7 @@ class ScreenedScores:
         lo, hi, hidden = h.lo[self.rows], h.hi[self.rows], h.hidden[self.rows]
         if lo.shape[0] != 1:
             raise ValueError(f"argmax of {lo.shape[0]} screened rows: take one row, scores[i:i + 1]")
-        ids, widest = screened_argmax(lo, hi, hidden, h.weight)
-        h.widest = max(h.widest, widest)
-        return int(ids[0])
+        return int(screened_argmax(lo, hi, hidden, h.weight)[0][0])
 
 
 def make_head(decoder, io, rows: int) -> LogitsHead | ScreenedHead:

@@ -11,7 +11,8 @@ Every decode-step input (embeds [rows, 1, H], position_ids [3, rows, 1], seqlens
 total_sequence_length [], last_index [rows]) and the outputs (logits [rows, V], or a screened head's
 bounds, `lm_head`) are numpy buffers bound once
 and rewritten in place, so a step allocates nothing and every address is fixed for a batch size
-(what a captured CUDA graph needs).
+(what a captured CUDA graph needs); only a screened head's host rescoring makes small arrays of its
+few candidate rows.
 
 The cache dtype is the graph's past_* input type (`kv_dtype`): float32, or float16 for the fp16
 export (`export_decoder_gqa(dtype="float16")`), whose KV IO is float16 so the cache binds straight
