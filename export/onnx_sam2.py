@@ -8,12 +8,17 @@ normalise, prompt arrays, mask upsampling) lives in `finers_rt.sam2_host` and is
 verification below and the ONNX Runtime predictor (`finers_rt.backends.ort_sam2.OrtSAM2`).
 
 Both graphs are checked in ONNX Runtime against the torch model before `export_sam2` returns.
+
+attention="ort" exports the Hiera trunk's attention (windowed, q-pooled and global blocks) as ORT's
+com.microsoft.MultiHeadAttention (`onnx_mha`) instead of MatMul/Softmax/MatMul: the CPU export's
+choice (`engine.EXPORT_DEVICES`); TensorRT parses only the standard-op ("onnx") graph.
 """
 from __future__ import annotations
 
 import logging
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +31,7 @@ from ..sam2_host import IMAGE_SIZE, preprocess_image, prompt_inputs
 from ..segment import resolve_sam2
 from ..specs import SAM2_DECODER, SAM2_ENCODER, GraphSpec
 from .onnx_gelu import reorder_erf_gelu
+from .onnx_mha import ATTENTION_KINDS, full_attention, mha_translation
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +85,46 @@ class SAM2PromptDecoder(nn.Module):
         return masks, iou
 
 
+class HieraAttentionMHA(nn.Module):
+    """Export-only stand-in for a Hiera `MultiScaleAttention`, not for direct use: the same weights
+    and math, with SDPA replaced by `full_attention` (-> MultiHeadAttention) in (B, S, heads*hd) layout.
+
+    x (B, H, W, C): B = windows x images (one image: B = windows; global blocks B = 1). q_pool
+    blocks pool q to (H/2, W/2), so q has a quarter of the keys' length; kv keep H*W.
+    """
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.attn = attn
+        self.scale = (attn.dim_out // attn.num_heads) ** -0.5  # SDPA's default 1/sqrt(head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.attn
+        b, h, w, _ = x.shape
+        q, k, v = a.qkv(x).reshape(b, h * w, 3, a.dim_out).unbind(2)  # (B, HW, heads*hd), head-major
+        if a.q_pool is not None:  # as MultiScaleAttention: max-pool q on the (B, H, W, C) grid
+            q = a.q_pool(q.reshape(b, h, w, -1).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            h, w = q.shape[1:3]
+            q = q.reshape(b, h * w, -1)
+        out = full_attention(q, k, v, a.num_heads, self.scale)  # (B, h*w, dim_out)
+        return a.proj(out.reshape(b, h, w, -1))
+
+
+@contextmanager
+def hiera_mha(model: nn.Module):
+    """During the block, every Hiera block's `attn` is a `HieraAttentionMHA` around the original;
+    restored on exit (the model verifies against itself unpatched)."""
+    blocks = model.image_encoder.trunk.blocks
+    originals = [blk.attn for blk in blocks]
+    try:
+        for blk, attn in zip(blocks, originals):
+            blk.attn = HieraAttentionMHA(attn)
+        yield
+    finally:
+        for blk, attn in zip(blocks, originals):
+            blk.attn = attn
+
+
 def load_sam2(sam2_dir: Path, config: str | None = None) -> nn.Module:
     """The sam2 package model (eval, CPU, fp32) for DIR/sam2, built as the reference backend does."""
     from sam2.build_sam import build_sam2
@@ -89,20 +135,32 @@ def load_sam2(sam2_dir: Path, config: str | None = None) -> nn.Module:
         return build_sam2(cfg, str(ckpt), device="cpu").eval()
 
 
-def export_sam2(sam2_dir: Path, out_dir: Path, *, config: str | None = None, opset: int = 18) -> dict:
+def export_sam2(sam2_dir: Path, out_dir: Path, *, config: str | None = None, opset: int = 18,
+                attention: str = "onnx") -> dict:
     """Write out_dir/sam2_encoder.onnx and out_dir/sam2_decoder.onnx, verify them, return the report.
+
+    attention: the encoder's Hiera attention, "onnx" (standard ops: ORT, TensorRT) or "ort" (ORT's
+    MultiHeadAttention contrib op: faster on ORT's CPU provider, not parseable by TensorRT).
 
     Report: {"encoder": G, "decoder": G, "preprocess_max_abs_diff": float}, where G holds
     "outputs" {name: {"max_abs_diff", "mismatch_pct"}} (worst case over the verification inputs;
     mismatch = elements over the spec's atol), "export_s" and "size_mb". Raises RuntimeError if
     an output misses its spec's atol.
     """
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_sam2(sam2_dir, config)
     encoder, decoder = SAM2ImageEncoder(model).eval(), SAM2PromptDecoder(model).eval()
     image = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
-    info = {"encoder": _export(encoder, (image,), out_dir / "sam2_encoder.onnx", SAM2_ENCODER, opset)}
+    if attention == "ort":
+        with hiera_mha(model):
+            info = {"encoder": _export(encoder, (image,), out_dir / "sam2_encoder.onnx", SAM2_ENCODER, opset,
+                                       mha_translation())}
+    else:
+        info = {"encoder": _export(encoder, (image,), out_dir / "sam2_encoder.onnx", SAM2_ENCODER, opset)}
+    info["encoder"]["attention"] = attention
     with torch.inference_mode():
         feats = encoder(image)
     coords, labels = torch.zeros(1, 4, 2), torch.tensor([[2.0, 3.0, 1.0, -1.0]])  # box + point + pad
@@ -113,8 +171,10 @@ def export_sam2(sam2_dir: Path, out_dir: Path, *, config: str | None = None, ops
     return report
 
 
-def _export(module: nn.Module, args: tuple, path: Path, spec: GraphSpec, opset: int) -> dict:
-    """torch.onnx (dynamo) export of `module` with the spec's IO names and dynamic dims, one file."""
+def _export(module: nn.Module, args: tuple, path: Path, spec: GraphSpec, opset: int,
+            translation: dict | None = None) -> dict:
+    """torch.onnx (dynamo) export of `module` with the spec's IO names and dynamic dims, one file;
+    translation: custom ops -> onnxscript functions (`onnx_mha.mha_translation`)."""
     dims = {name: torch.export.Dim(name, min=lo) for name, (lo, _, _) in spec.profiles.items()}
     dynamic = {t.name: {i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} or None
                for t in spec.inputs}
@@ -124,7 +184,7 @@ def _export(module: nn.Module, args: tuple, path: Path, spec: GraphSpec, opset: 
         program = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
                                     input_names=spec.input_names, output_names=spec.output_names,
                                     dynamic_shapes=dynamic if dims else None, optimize=True,
-                                    verbose=False)
+                                    verbose=False, custom_translation_table=translation)
     program.save(str(path), external_data=False)  # < 2 GB for every SAM2 size: keep one file
     proto = onnx.load(str(path))
     gelus = reorder_erf_gelu(proto)  # so ORT fuses the Hiera MLPs' GELUs (verified after, with the rest)

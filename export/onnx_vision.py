@@ -19,6 +19,7 @@ from torch import nn
 
 from ..qwen_vision_host import VisionPreprocessConfig, pixel_values, vision_inputs
 from ..specs import VISION
+from .onnx_mha import ATTENTION_KINDS, full_attention, mha_translation  # the "ort" attention
 
 log = logging.getLogger(__name__)
 
@@ -26,50 +27,6 @@ log = logging.getLogger(__name__)
 # -> 504x504, grid 36x36) and an odd one with partial windows on both edges (336x504, grid 24x36).
 VERIFY_SIZES = {"gse_1920x1080": (1080, 1920), "lpr_512x512": (512, 512), "odd_333x517": (333, 517)}
 EXAMPLE_SIZE = (504, 504)  # trace input: N=1296, W=25, L=64 (distinct, > 1: no 0/1 specialisation)
-
-
-# Full-attention kernels: "onnx" = MatMul/Softmax/MatMul (standard ops, what TensorRT parses and
-# fuses itself; materialises the (H, N, N) scores: 1.9 GB at 1080p for 4 heads, 7.4 GB for the
-# 16-head 7B tower); "ort" = com.microsoft.MultiHeadAttention, ONNX Runtime's contrib op whose CPU
-# kernel is flash attention (O(N) memory), for ORT-only artifacts.
-ATTENTION_KINDS = ("onnx", "ort")
-
-
-@torch.library.custom_op("finers_rt::full_attention", mutates_args=())
-def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
-    """q, k, v (1, S, H*hd) -> (1, S, H*hd): non-causal attention; exported as MultiHeadAttention."""
-    b, s, d = q.shape
-    split = [t.reshape(b, s, num_heads, d // num_heads).transpose(1, 2) for t in (q, k, v)]
-    out = nn.functional.scaled_dot_product_attention(*split, scale=scale)
-    return out.transpose(1, 2).reshape(b, s, d)
-
-
-@full_attention.register_fake
-def _(q, k, v, num_heads, scale):
-    return torch.empty_like(q)
-
-
-def _mha_translation():
-    """onnxscript translation of `full_attention` to com.microsoft.MultiHeadAttention."""
-    import onnx
-    import onnxscript
-
-    # onnx ships no schemas for ORT's contrib ops and the exporter needs one: register the subset used.
-    if not onnx.defs.has("MultiHeadAttention", "com.microsoft"):
-        io = onnx.defs.OpSchema.FormalParameter
-        onnx.defs.register_schema(onnx.defs.OpSchema(
-            "MultiHeadAttention", "com.microsoft", 1,
-            inputs=[io("query", "T"), io("key", "T"), io("value", "T")], outputs=[io("output", "T")],
-            type_constraints=[("T", ["tensor(float)"], "fp32 only")],
-            attributes=[onnx.defs.OpSchema.Attribute("num_heads", onnx.defs.OpSchema.AttrType.INT),
-                        onnx.defs.OpSchema.Attribute("scale", onnx.defs.OpSchema.AttrType.FLOAT)],
-        ))
-    msft = onnxscript.values.Opset("com.microsoft", 1)
-
-    def mha(q, k, v, num_heads: int, scale: float):
-        return msft.MultiHeadAttention(q, k, v, num_heads=num_heads, scale=scale)
-
-    return {torch.ops.finers_rt.full_attention.default: mha}
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -202,7 +159,7 @@ def _export(wrapper: VisionForOnnx, feeds: dict, out_path: Path, opset: int) -> 
         "win_scatter": {0: n},
     }
     args = tuple(torch.from_numpy(feeds[name]) for name in VISION.input_names)
-    table = _mha_translation() if wrapper.attention_kind == "ort" else None
+    table = mha_translation() if wrapper.attention_kind == "ort" else None
     # protobuf caps a file at 2 GB: the 7B tower (~2.7 GB fp32) needs its weights in vision.onnx.data
     external = sum(p.numel() * p.element_size() for p in wrapper.parameters()) > 1.5 * 2**30
     with warnings.catch_warnings():

@@ -15,8 +15,15 @@ Precision, per TensorRT major:
   `--precision fp16`, else a temporary copy converted by `finers_rt.export.quantize.to_fp16` (the
   same converter `export --precision fp16` uses: fp16 weights/compute, fp32 IO kept, so the IO
   spec holds). bf16 needs a bf16 graph, which this project has no converter for (ModelOpt AutoCast).
-- int8 / fp8 on both: explicit quantization only (Q/DQ nodes in the graph, e.g. from ModelOpt):
-  TensorRT 10 deprecated and 11 removed calibration-based int8, and this exporter writes no Q/DQ.
+- int8 / fp8 on both: explicit quantization only (Q/DQ nodes in the graph): TensorRT 10.1
+  deprecated and 11 removed calibration-based int8 (the calibrator APIs and BuilderFlag.INT8/FP8;
+  docs.nvidia.com/deeplearning/tensorrt "Removed Python APIs and Replacements"). int8 builds from
+  the Q/DQ copies `finers-rt export --qdq int8` records in the manifest's `qdq` section
+  (`finers_rt.export.qdq`; gse/vision.int8.onnx, ...), refused when they are missing or made from
+  another fp32 graph. On 10.x the weak-typing flags INT8 + FP16 are set (the Q/DQ pairs fix where
+  int8 runs, FP16 lets the unquantized layers run in fp16); on 11.x no flag: the Q/DQ graph's own
+  types (int8 around the weight-bearing ops, fp32 elsewhere). fp8 needs fp8 Q/DQ graphs (NVIDIA
+  ModelOpt's ONNX PTQ), which finers-rt does not write: see README.
 """
 from __future__ import annotations
 
@@ -107,11 +114,34 @@ def has_qdq(onnx_path: Path) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
 
+def qdq_graph(engine_dir: Path, manifest: dict, rel: str, precision: str) -> Path:
+    """The explicitly quantized copy of graph `rel` recorded by `finers_rt.export.qdq.export_qdq`."""
+    fix = (f"run `finers-rt export --checkpoints {manifest.get('checkpoints', 'CKPT')} --out {engine_dir} --device cuda "
+           f"--qdq int8 --overwrite` (or `python -m finers_rt.export.qdq --engines {engine_dir}`)")
+    if precision == "fp8":
+        raise ValueError("fp8 engines need fp8 Q/DQ graphs (NVIDIA ModelOpt's ONNX PTQ writes them); finers-rt writes "
+                         f"int8 Q/DQ only: build with --precision int8 after {fix}")
+    section = manifest.get("qdq") or {}
+    entry = section.get("graphs", {}).get(rel) if section.get("precision") == precision else None
+    if entry is None:
+        raise ValueError(f"{precision} engines need explicitly quantized graphs (Q/DQ nodes; TensorRT 10 deprecated "
+                         f"and 11 removed implicit int8 calibration); {engine_dir} records none for {rel}: {fix}")
+    path = engine_dir / entry["file"]
+    if not path.is_file() or not has_qdq(path):
+        raise ValueError(f"{path} is missing or has no Q/DQ node: {fix}")
+    from .qdq import file_sha256
+
+    if entry.get("source_sha256") != file_sha256(engine_dir / rel):
+        raise ValueError(f"{path} was quantized from another {rel} (the fp32 graph changed since): {fix}")
+    return path
+
+
 def typed_onnx(onnx_path: Path, precision: str, major: int, manifest_precision: str, tmp: Path) -> Path:
-    """The ONNX file to build from: the folder's own, or (TensorRT 11, fp16) an fp16 copy in `tmp`."""
+    """The ONNX file to build from: the folder's own, or (TensorRT 11, fp16) an fp16 copy in `tmp`.
+    For int8 `onnx_path` is already the Q/DQ copy (`qdq_graph`): it is built as it is."""
     if precision in QDQ_PRECISIONS and not has_qdq(onnx_path):
-        raise ValueError(f"{precision} engines need explicitly quantized graphs (Q/DQ nodes, e.g. from NVIDIA "
-                         f"ModelOpt); {onnx_path} has none and implicit int8 calibration is gone in TensorRT 11")
+        raise ValueError(f"{precision} engines need explicitly quantized graphs (Q/DQ nodes); {onnx_path} has none: "
+                         "run `finers-rt export --qdq int8`")
     if major < 11 or precision != "fp16" or manifest_precision == "fp16":
         return onnx_path
     from .quantize import to_fp16
@@ -129,10 +159,12 @@ def build_engines(engine_dir: Path, *, precision: str = BUILD_DEFAULTS["precisio
     trt = import_tensorrt()
     engine_dir = Path(engine_dir)
     manifest = load_manifest(engine_dir, expected_digests(engine_dir))
-    if manifest.get("vision_attention", "onnx") != "onnx":  # com.microsoft ops: TensorRT cannot parse them
-        raise ValueError(f"{engine_dir} was exported with --vision-attention {manifest['vision_attention']} "
-                         f"(ONNX Runtime contrib ops); TensorRT needs standard ops: re-export with "
-                         f"`finers-rt export --checkpoints {manifest.get('checkpoints', 'CKPT')} --out DIR --device cuda`")
+    for key in ("vision_attention", "sam2_attention"):  # com.microsoft ops: TensorRT cannot parse them
+        if manifest.get(key, "onnx") != "onnx":
+            raise ValueError(f"{engine_dir} was exported with --{key.replace('_', '-')} {manifest[key]} "
+                             f"(ONNX Runtime contrib ops); TensorRT needs standard ops: re-export with "
+                             f"`finers-rt export --checkpoints {manifest.get('checkpoints', 'CKPT')} --out DIR "
+                             "--device cuda`")
     major, gpu = tensorrt_major(trt.__version__), device_info()
     check_precision(precision, major, gpu["sm"], manifest["precision"])
     if max_batch != 1 and not any("batch" in graph_spec(engine_dir, rel).profiles for rel in TRT_GRAPHS):
@@ -143,11 +175,12 @@ def build_engines(engine_dir: Path, *, precision: str = BUILD_DEFAULTS["precisio
     with tempfile.TemporaryDirectory(dir=engine_dir, prefix=".trt-build-") as tmp:
         for rel in TRT_GRAPHS:
             t0 = time.perf_counter()
-            onnx_path = typed_onnx(engine_dir / rel, precision, major, manifest["precision"], Path(tmp))
+            src = qdq_graph(engine_dir, manifest, rel, precision) if precision in QDQ_PRECISIONS else engine_dir / rel
+            onnx_path = typed_onnx(src, precision, major, manifest["precision"], Path(tmp))
             plan = build_engine(trt, onnx_path, profiles[rel], precision=precision,
                                 workspace_bytes=int(workspace_gb * (1 << 30)))
             (engine_dir / engine_file(rel)).write_bytes(plan)
-            engines[rel] = {"file": engine_file(rel), "profile": profiles[rel],
+            engines[rel] = {"file": engine_file(rel), "onnx": str(src.relative_to(engine_dir)), "profile": profiles[rel],
                             "spec_digest": graph_spec(engine_dir, rel).digest(), "bytes": len(plan),
                             "build_s": round(time.perf_counter() - t0, 1)}
             log.info("%s -> %s (%d bytes)", rel, engine_file(rel), len(plan))
@@ -174,8 +207,8 @@ def add_build_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--engines", required=True, type=Path, help="engine folder written by `finers-rt export`")
     p.add_argument("--target", required=True, choices=["trt"], help="trt: TensorRT engines for vision + SAM2")
     p.add_argument("--precision", default=BUILD_DEFAULTS["precision"], choices=PRECISIONS,
-                   help="fp16 (default), bf16 (TensorRT 10, SM >= 8.0), fp32, or int8/fp8 "
-                        "(explicitly quantized Q/DQ graphs only; fp8 needs SM >= 8.9)")
+                   help="fp16 (default), bf16 (TensorRT 10, SM >= 8.0), fp32, int8 (from the Q/DQ graphs of "
+                        "`finers-rt export --qdq int8`), fp8 (fp8 Q/DQ graphs, which finers-rt does not write; SM >= 8.9)")
     p.add_argument("--max-batch", type=int, default=BUILD_DEFAULTS["max_batch"],
                    help="profile max of dynamic batch dims (the current graphs have none: 1)")
     p.add_argument("--workspace-gb", type=float, default=BUILD_DEFAULTS["workspace_gb"],

@@ -66,6 +66,11 @@ class _Run:
     ms: dict = field(default_factory=dict)
     region: np.ndarray | None = None  # (h, w, 3) uint8 crop of the original image
     lpr: Parsed | None = None  # LPR output, coordinates in crop pixels
+    gse_input: np.ndarray | None = None  # the image resized for GSE while it decoded, if it was
+
+    @property
+    def gse_image(self):
+        return self.img if self.gse_input is None else self.gse_input
 
     @property
     def force(self) -> dict:
@@ -107,15 +112,15 @@ def _validated(requests) -> list[Request]:
 def _start(pipeline: Pipeline, req: Request, index: int) -> _Run:
     """Decode the image and open the Result, as the head of `Pipeline.run`."""
     try:
-        img, res, ms = pipeline._open(req.image, req.question, req.task, req.options, req.force_output)
+        img, gse_input, res, ms = pipeline._open(req.image, req.question, req.task, req.options, req.force_output)
     except ImageLoadError as e:
         raise ImageLoadError(f"request {index}: {e}") from e
-    return _Run(req, img, res, ms)
+    return _Run(req, img, res, ms, gse_input=gse_input)
 
 
 def _gse(pipeline: Pipeline, runs: list[_Run], results: list, t_start: float) -> list[int]:
     """GSE for every request; finishes those without a box. Returns the indices with a box."""
-    outs = pipeline.gse.run_batch([r.img for r in runs], [r.req.question for r in runs],
+    outs = pipeline.gse.run_batch([r.gse_image for r in runs], [r.req.question for r in runs],
                                   [r.req.task for r in runs], [r.req.options for r in runs],
                                   [r.force.get("gse") for r in runs])
     boxed = []

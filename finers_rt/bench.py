@@ -54,16 +54,20 @@ class BenchConfig:
     """One configuration: a backend on a folder (engines for ort, checkpoints for torch)."""
 
     label: str
-    backend: str  # "ort" | "torch"
+    backend: str  # "ort" | "torch" | "trtllm"
     path: Path
     device: str
     precision: str = "fp32"  # torch dtype; ort engines carry their own
+    ort_engines: Path | None = None  # trtllm: the ort folder supplying SAM2 (+ vision graphs)
 
     def load(self, pipeline_config):
         from .pipeline import Pipeline
 
         if self.backend == "ort":
             return Pipeline.from_engines(self.path, device=self.device, config=pipeline_config)
+        if self.backend == "trtllm":
+            return Pipeline.from_trtllm(self.path, ort_engines=self.ort_engines, device=self.device,
+                                        config=pipeline_config)
         return Pipeline.from_checkpoints(self.path, backend="torch", device=self.device,
                                          precision=self.precision, config=pipeline_config)
 
@@ -87,6 +91,11 @@ def configurations(args) -> list[BenchConfig]:
         raise ValueError("--backend ort needs --engines DIR (build one with `finers-rt export`)")
     if backend == "torch" and not args.checkpoints:
         raise ValueError("--backend torch needs --checkpoints DIR")
+    if backend == "trtllm":
+        if not (args.engines and args.ort_engines):
+            raise ValueError("--backend trtllm needs --engines DIR (`finers-rt export --target trtllm|trtllm-engine`) "
+                             "and --ort-engines DIR (`finers-rt export`)")
+        return [BenchConfig("A:trtllm", "trtllm", Path(args.engines), args.device, ort_engines=Path(args.ort_engines))]
     return [ort(args.engines, "A") if backend == "ort" else torch("A")]
 
 
@@ -127,8 +136,9 @@ def run_all(pipes: dict[str, object], frame, scripts: dict, want: dict, runs: in
 
 def models_of(cfg: BenchConfig) -> Models:
     """Model configs of a configuration's folder (config.json per stage; SAM2 variant)."""
-    return Models(str(cfg.path), VLMConfig.from_dir(cfg.path / "gse"), VLMConfig.from_dir(cfg.path / "lpr"),
-                  sam2_model_in(cfg.path) or SAM2_MODELS["l"])
+    root = cfg.ort_engines or cfg.path  # trtllm: the ort folder of the same checkpoints has config.json per stage
+    return Models(str(cfg.path), VLMConfig.from_dir(root / "gse"), VLMConfig.from_dir(root / "lpr"),
+                  sam2_model_in(root) or SAM2_MODELS["l"])
 
 
 def floors_ms(cfg: BenchConfig, precision: str, result, floor_device: str) -> dict[str, float]:
@@ -180,7 +190,8 @@ def bench(*, configs: list[BenchConfig], runs: int = 3, warmup: int = 1, decode_
 def _row(cfg: BenchConfig, pipe, results: list, common: dict) -> dict:
     models = models_of(cfg)
     row = {"label": cfg.label, "backend": cfg.backend, "device": cfg.device, "precision": pipe.precision,
-           ("engines" if cfg.backend == "ort" else "checkpoints"): str(cfg.path),
+           ("engines" if cfg.backend in ("ort", "trtllm") else "checkpoints"): str(cfg.path),
+           **({"ort_engines": str(cfg.ort_engines)} if cfg.ort_engines else {}),
            "model_summary": f"LLM {models.gse.text.params / 1e9:.3g} B params, SAM2 {models.sam2.name}",
            "tokens": dict(results[0].tokens), **common, **summarise(results),
            "runs_ms": [r.timings_ms for r in results]}
@@ -227,8 +238,11 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engines", type=Path, default=None, help="engine folder (ort backend)")
     p.add_argument("--checkpoints", type=Path, default=None, help="checkpoints folder (torch backend)")
     p.add_argument("--engines-b", type=Path, default=None, help="second engine folder: --compare ort A vs ort B")
-    p.add_argument("--backend", choices=["torch", "ort"], default=None,
-                   help="default: ort with --engines, torch with --checkpoints")
+    p.add_argument("--ort-engines", type=Path, default=None,
+                   help="trtllm backend: `finers-rt export` folder of the same checkpoints (SAM2, vision graphs)")
+    p.add_argument("--backend", choices=["torch", "ort", "trtllm"], default=None,
+                   help="default: ort with --engines, torch with --checkpoints; trtllm: --engines from "
+                        "`finers-rt export --target trtllm|trtllm-engine` + --ort-engines")
     p.add_argument("--device", default="cpu", help="ort: cpu | cuda | tensorrt | trt (TensorRT engines from `finers-rt build`); torch: cpu, cuda, ...")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="torch backend dtype")
     p.add_argument("--runs", type=int, default=3, help="timed runs per configuration")

@@ -37,12 +37,18 @@ def _backend(args) -> str:
         raise ValueError("--backend ort needs --engines DIR (build one with `finers-rt export`)")
     if backend == "torch" and not args.checkpoints:
         raise ValueError("--backend torch needs --checkpoints DIR")
+    if backend == "trtllm" and not (args.engines and getattr(args, "ort_engines", None)):
+        raise ValueError("--backend trtllm needs --engines DIR (`finers-rt export --target trtllm` or "
+                         "`--target trtllm-engine`) and --ort-engines DIR (`finers-rt export`: SAM2, vision)")
     return backend
 
 
 def _load_pipeline(args):
     from .pipeline import Pipeline
 
+    if _backend(args) == "trtllm":
+        return Pipeline.from_trtllm(args.engines, ort_engines=args.ort_engines, device=args.device,
+                                    config=_pipeline_config(args))
     if _backend(args) == "ort":
         return Pipeline.from_engines(args.engines, device=args.device, config=_pipeline_config(args))
     return Pipeline.from_checkpoints(args.checkpoints, backend="torch", device=args.device,
@@ -66,15 +72,25 @@ def cmd_export(*, args) -> None:
                          f"--target onnx takes {'|'.join(ONNX_PRECISIONS)}")
     from .export.engine import export_engines, graph_kinds
 
-    vision, decoder, head = graph_kinds(args.device, precision, args.vision_attention, args.decoder_attention,
-                                        args.lm_head)
+    qdq = getattr(args, "qdq", None)  # Q/DQ copies for TensorRT: standard-op graphs, so --device cuda kinds
+    vision, decoder, head, sam2 = graph_kinds(args.device or ("cuda" if qdq else None), precision,
+                                              args.vision_attention, args.decoder_attention, args.lm_head,
+                                              args.sam2_attention)
+    if qdq and (precision != "fp32" or "ort" in (vision, sam2)):
+        raise ValueError("--qdq quantizes fp32 standard-op graphs for TensorRT: use --precision fp32 and "
+                         "--vision-attention onnx --sam2-attention onnx (the --device cuda defaults)")
     manifest = export_engines(Path(args.checkpoints), Path(args.out), precision=precision,
                               overwrite=args.overwrite, sam2_config=args.sam2_config,
-                              vision_attention=vision, decoder_attention=decoder, lm_head=head)
+                              vision_attention=vision, decoder_attention=decoder, lm_head=head,
+                              sam2_attention=sam2)
     print(f"exported {len(manifest['graphs'])} graphs ({manifest['precision']}, vision attention {vision}, "
-          f"decoder attention {decoder}, lm_head {head}) to {args.out}; verification:")
+          f"decoder attention {decoder}, lm_head {head}, sam2 attention {sam2}) to {args.out}; verification:")
     for name, g in manifest["graphs"].items():
         print(f"  {name:<26} vs torch: max abs diff {g['max_abs_diff']:.3g}, mismatch {g['mismatch_pct']:.3g} %")
+    if qdq:
+        from .export.qdq import export_qdq, print_qdq
+
+        print_qdq(export_qdq(Path(args.out), precision=qdq, calib_data=args.calib_data, calib_count=args.calib_count))
 
 
 def cmd_make_tiny(*, out: Path, seed: int = 0, size: str = "tiny") -> None:
@@ -159,17 +175,19 @@ def _ensure_engines(ckpts: Path, out: Path, device: str) -> Path:
     from .export.engine import export_engines, graph_kinds
     from .manifest import MANIFEST, hash_tree
 
-    vision, decoder, head = graph_kinds("cpu" if device == "cpu" else "cuda", "fp32")
+    vision, decoder, head, sam2 = graph_kinds("cpu" if device == "cpu" else "cuda", "fp32")
     meta = out / MANIFEST
     if meta.is_file():
         m = json.loads(meta.read_text())
         kinds = (m.get("vision_attention"), m.get("decoder_attention"), m.get("lm_head", "fp32"))
+        # folders from before the sam2_attention key (standard-op SAM2, runs everywhere) are reused
         if (m.get("precision") == "fp32" and kinds == (vision, decoder, head)
+                and m.get("sam2_attention", sam2) == sam2
                 and m.get("sources") == {s: hash_tree(ckpts / s) for s in ("gse", "lpr", "sam2")}):
             return out
     print(f"exporting the tiny checkpoints to ONNX in {out} (each graph is verified against torch) ...")
     manifest = export_engines(ckpts, out, overwrite=True, vision_attention=vision, decoder_attention=decoder,
-                              lm_head=head)
+                              lm_head=head, sam2_attention=sam2)
     for name, g in manifest["graphs"].items():
         print(f"  {name:<26} vs torch: max abs diff {g['max_abs_diff']:.3g}, mismatch {g['mismatch_pct']:.3g} %")
     return out
@@ -214,9 +232,13 @@ def _add_pipeline_args(p: argparse.ArgumentParser, *, need_checkpoints: bool = T
         p.add_argument("--checkpoints", type=Path, default=None,
                        help="folder with gse/, lpr/ (HF Qwen2.5-VL) and sam2/ (a SAM2 .pt): torch backend")
         p.add_argument("--engines", type=Path, default=None,
-                       help="engine folder from `finers-rt export`: ort backend (the embedded default)")
-    p.add_argument("--backend", default=None, choices=["torch", "ort"],
-                   help="default: ort with --engines, torch with --checkpoints")
+                       help="engine folder from `finers-rt export`: ort backend (the embedded default); "
+                            "trtllm: the folder of `finers-rt export --target trtllm|trtllm-engine`")
+        p.add_argument("--ort-engines", type=Path, default=None,
+                       help="trtllm backend: the `finers-rt export` folder of the same checkpoints "
+                            "(its sam2/ and, for trtllm-engine, gse|lpr/vision.onnx run on ONNX Runtime --device)")
+    p.add_argument("--backend", default=None, choices=["torch", "ort", "trtllm"],
+                   help="default: ort with --engines, torch with --checkpoints; trtllm needs tensorrt-llm==1.2.1")
     p.add_argument("--device", default="cpu",
                    help="ort: cpu | cuda | tensorrt (ORT providers) | trt (TensorRT engines from `finers-rt build`); "
                         "torch: cpu, cuda, cuda:1, ...")
@@ -262,11 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where the folder will run; picks the graph kinds below when they are not given: "
                         "cpu (default; cuda for --precision fp16): --vision-attention ort --decoder-attention gqa "
-                        "--lm-head screened; cuda: onnx / onnx / fp32 (standard ops: ORT CUDA and `finers-rt build` "
-                        "for TensorRT)")
+                        "--lm-head screened --sam2-attention ort; cuda: onnx / onnx / fp32 / onnx (standard ops: "
+                        "ORT CUDA and `finers-rt build` for TensorRT)")
     p.add_argument("--vision-attention", choices=["onnx", "ort"], default=None,
                    help="onnx: standard ops, TensorRT-buildable; ort: ORT's MultiHeadAttention (flash attention) "
                         "for the full-attention blocks (faster, 7x less memory on CPU; ONNX Runtime only)")
+    p.add_argument("--sam2-attention", choices=["onnx", "ort"], default=None,
+                   help="onnx: standard ops, TensorRT-buildable; ort: ORT's MultiHeadAttention (flash attention) "
+                        "for the SAM2 encoder's Hiera blocks (faster on CPU; ONNX Runtime only)")
     p.add_argument("--decoder-attention", choices=["onnx", "gqa"], default=None,
                    help="onnx: standard ops, KV cache grown by Concat; gqa: ORT's GroupQueryAttention "
                         "contrib op (ONNX Runtime only) with a fixed-size KV cache written in place: faster "
@@ -276,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32: float32 logits; screened (float32 GQA decoder only): int8 bounds on every logit, "
                         "the host rescores in float32 the few rows that can be the argmax: the same greedy ids, "
                         "a quarter of the lm_head bytes per decode step")
+    p.add_argument("--qdq", choices=["int8"], default=None,
+                   help="also write int8 Q/DQ copies of the vision and SAM2 graphs (*.int8.onnx, for `finers-rt build "
+                        "--precision int8`): symmetric int8, calibrated on --calib-data (default: synthetic frames), "
+                        "checked against fp32 on held-out images; implies --device cuda graph kinds")
+    p.add_argument("--calib-count", type=int, default=8, help="--qdq: calibration images (2 more are held out)")
     from .export.trtllm_engine import add_trtllm_export_args  # numpy-only module
 
     add_trtllm_export_args(p)  # --target onnx|trtllm-engine|trtllm, --no-build, --trtllm-examples, --calib-data

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .host_parallel import resize, resize_array
+from .jpeg_stream import open_resized
 
 # Refuse decompression bombs loudly rather than allocate: 4x the largest FineRS frame (8.3 Mpx).
 Image.MAX_IMAGE_PIXELS = 4 * 3840 * 2160
@@ -37,6 +38,21 @@ def decode(image) -> np.ndarray | Image.Image:
     if isinstance(image, np.ndarray):
         return load_image(image)
     return open_rgb(image)
+
+
+def decode_for_stage(image, size: tuple[int, int], threads: int) -> tuple[np.ndarray | Image.Image, np.ndarray | None]:
+    """`decode(image)` and, for JPEG files or bytes when threads > 1, its BILINEAR resize to
+    size = (width, height) made while the JPEG decodes (`jpeg_stream`, byte-identical to
+    `resize_bilinear(decode(image), size)`); the resize is None where it was not made."""
+    if threads > 1 and isinstance(image, (bytes, bytearray, str, Path)):
+        try:
+            made = open_resized(image, size)
+        except OSError as e:
+            name = "<bytes>" if isinstance(image, (bytes, bytearray)) else str(image)
+            raise ImageLoadError(f"{name}: cannot decode image ({e})") from None
+        if made is not None:
+            return made
+    return decode(image), None
 
 
 def image_size(image: np.ndarray | Image.Image) -> tuple[int, int]:

@@ -14,7 +14,7 @@ import numpy as np
 from . import __version__
 from .config import PipelineConfig
 from .host_parallel import HOST_THREADS
-from .image import decode, image_size, swap_rb
+from .image import decode_for_stage, image_size, swap_rb
 from .parsing import OK, parse_output
 from .region import crop, dynamic_box, paste_mask, to_original
 from .result import TIMING_KEYS, Result
@@ -23,7 +23,7 @@ from .vlm import Generator, VLMStage
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "ort", "trt")
+BACKENDS = ("torch", "ort", "trt", "trtllm")
 
 
 class Pipeline:
@@ -32,8 +32,9 @@ class Pipeline:
     def __init__(self, gse: Generator, lpr: Generator, sam2: SegmentPredictor, *,
                  config: PipelineConfig | None = None, backend: str = "", precision: str = "",
                  host_threads: int = 1):
-        # host_threads: threads for the stage resizes (byte-identical at any count; the torch
-        # reference keeps 1, the plain PIL calls the reference made)
+        # host_threads: threads for the JPEG decode + stage resizes (byte-identical at any count;
+        # the torch reference keeps 1, the plain PIL calls the reference made)
+        self.host_threads = host_threads
         self.config = config or PipelineConfig()
         self.gse = VLMStage(self.config.gse, gse, host_threads)
         self.lpr = VLMStage(self.config.lpr, lpr, host_threads)
@@ -86,13 +87,31 @@ class Pipeline:
         return cls(gse, lpr, sam2, config=config, backend="ort", precision=manifest["precision"],
                    host_threads=HOST_THREADS)
 
+    @classmethod
+    def from_trtllm(cls, engine_dir: str | Path, *, ort_engines: str | Path, device: str = "cuda",
+                    config: PipelineConfig | None = None) -> "Pipeline":
+        """The `trtllm` backend: GSE and LPR on TensorRT-LLM, SAM2 on ONNX Runtime.
+
+        engine_dir: `finers-rt export --target trtllm` (LLM API) or `--target trtllm-engine`
+        (engines; their vision towers run on the ort folder's vision.onnx), told apart by
+        trtllm_manifest.json's kind. ort_engines: the `finers-rt export` folder of the same
+        checkpoints (checked by source hash) supplying sam2/ and the vision graphs; device picks its
+        ONNX Runtime providers. Raises BackendUnavailable without tensorrt_llm (no fallback).
+        """
+        from .backends.trtllm_engine_vlm import load_trtllm
+
+        gse, lpr, sam2, manifest = load_trtllm(engine_dir, ort_engines, device)
+        return cls(gse, lpr, sam2, config=config, backend="trtllm", precision=manifest["precision"],
+                   host_threads=HOST_THREADS)
+
     def run(self, image, question: str, *, task: str = "referring", options=None,
             force_output: dict[str, str] | None = None) -> Result:
         """image: path, bytes, PIL image or (H, W, 3) uint8 RGB. force_output: {"gse", "lpr"} texts."""
         force_output = force_output or {}
         t_start = time.perf_counter()
-        img, res, ms = self._open(image, question, task, options, force_output)
-        gen, resize_ms = self.gse.run(img, question, task, options, force_output.get("gse"))
+        img, gse_input, res, ms = self._open(image, question, task, options, force_output)
+        gen, resize_ms = self.gse.run(img if gse_input is None else gse_input, question, task, options,
+                                      force_output.get("gse"))
         if self._after_gse(res, gen, resize_ms, ms) is None:  # no region: the reference scores an empty mask
             return self._finish(res, self._empty_mask(res), ms, t_start)
         region, lpr_input = self._cut_region(img, res, ms)
@@ -103,14 +122,19 @@ class Pipeline:
     # ---- the stages of `run`, shared with `finers_rt.batch.run_batch` (same Result, field by field)
 
     def _open(self, image, question: str, task: str, options, force_output: dict):
-        """Decode the image and open its Result -> (image, Result, ms timings)."""
+        """Decode the image and open its Result -> (image, GSE's input or None, Result, ms timings).
+
+        image: PIL for files/bytes (resized without a 4K numpy copy), else the array. With host
+        threads, a JPEG's resize to GSE's input size is made while it decodes (byte-identical,
+        `jpeg_stream`); the torch reference (one host thread) decodes, then resizes, as the
+        reference does."""
         t0 = time.perf_counter()
-        img = decode(image)  # PIL for files/bytes (resized without a 4K numpy copy), else the array
+        img, gse_input = decode_for_stage(image, self.config.gse.input_size, self.host_threads)
         w, h = image_size(img)
         res = Result(task=task, question=question, options=options, image_size=(w, h),
                      backend=self.backend, precision=self.precision, forced=bool(force_output),
                      config=_config_dict(self.config), version=__version__)
-        return img, res, {"preprocess": _ms(t0)}
+        return img, gse_input, res, {"preprocess": _ms(t0)}
 
     def _after_gse(self, res: Result, gen, resize_ms: float, ms: dict):
         """Record + parse GSE's generation; returns the box in original pixels, or None."""

@@ -215,17 +215,61 @@ def test_trt10_profiles_per_stage(fake_build):
     assert lpr["win_gather"][1] == (25, 64) and gse["win_gather"][1] == (180, 64)
 
 
-def test_trt10_int8_needs_qdq_graphs(fake_build, monkeypatch, tmp_path):
+def _qdq_bytes() -> bytes:
     onnx = pytest.importorskip("onnx", reason="the Q/DQ check reads the graph with onnx")
-    with pytest.raises(ValueError, match="explicitly quantized"):
-        fake_build("10.16.1.11", precision="int8")  # the folder's graphs have no Q/DQ node
     q = onnx.helper.make_node("QuantizeLinear", ["x", "s"], ["q"])
-    qdq = onnx.helper.make_model(onnx.helper.make_graph([q], "g", [], [])).SerializeToString()
-    (tmp_path / "q.onnx").write_bytes(qdq)
+    return onnx.helper.make_model(onnx.helper.make_graph([q], "g", [], [])).SerializeToString()
+
+
+def _add_qdq_section(folder: Path, *, stale: str | None = None) -> None:
+    """What `finers_rt.export.qdq.export_qdq` records: a Q/DQ file per TensorRT graph + the fp32 graph's hash."""
+    from finers_rt.export.qdq import file_sha256, qdq_file
+
+    manifest = json.loads((folder / MANIFEST).read_text())
+    graphs = {}
+    for rel in TRT_GRAPHS:
+        (folder / qdq_file(rel)).write_bytes(_qdq_bytes())
+        graphs[rel] = {"file": qdq_file(rel), "source_sha256": stale if rel == stale else file_sha256(folder / rel)}
+    manifest["qdq"] = {"precision": "int8", "graphs": graphs}
+    write_manifest(folder, manifest)
+
+
+def test_trt10_int8_needs_qdq_graphs(fake_build, monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match=r"explicitly quantized.*run `finers-rt export .*--qdq int8"):
+        fake_build("10.16.1.11", precision="int8")  # the folder records no Q/DQ graphs
+    (tmp_path / "q.onnx").write_bytes(_qdq_bytes())
     assert trt_build.has_qdq(tmp_path / "q.onnx")
-    monkeypatch.setattr(trt_build, "has_qdq", lambda path: True)
-    trt, _, _ = fake_build("10.16.1.11", precision="int8")
-    assert [c[1] for c in _per_graph(trt.calls)[0] if c[0] == "set_flag"] == ["INT8", "FP16"]
+
+
+def _qdq_build(monkeypatch, tmp_path, version: str, **section):
+    monkeypatch.setattr(trt_build, "device_info", lambda: dict(H100))
+    trt = _fake_builder_trt(version)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    folder = _engine_folder(tmp_path / "eng")
+    _add_qdq_section(folder, **section)
+    return trt, folder, trt_build.build_engines(folder, precision="int8")
+
+
+@pytest.mark.parametrize("version,network,flags", [("10.16.1.11", 0, ["INT8", "FP16"]), ("11.4.0.106", 1 << 1, [])])
+def test_int8_builds_the_qdq_graphs_of_the_manifest(monkeypatch, tmp_path, version, network, flags):
+    trt, folder, section = _qdq_build(monkeypatch, tmp_path, version)
+    for rel, calls in zip(TRT_GRAPHS, _per_graph(trt.calls)):
+        assert calls[0] == ("create_network", network)  # weakly typed on 10, strongly typed on 11
+        assert calls[1] == ("parse_from_file", str(folder / rel.replace(".onnx", ".int8.onnx")))
+        assert [c[1] for c in calls if c[0] == "set_flag"] == flags  # 11: the Q/DQ graph's own types
+        assert section["engines"][rel]["onnx"] == rel.replace(".onnx", ".int8.onnx")
+        assert section["engines"][rel]["file"] == rel.replace(".onnx", ".engine")
+    assert section["precision"] == "int8"
+
+
+def test_int8_refuses_qdq_graphs_of_another_fp32_graph(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match=r"quantized from another sam2/sam2_decoder.onnx.*--qdq int8"):
+        _qdq_build(monkeypatch, tmp_path, "10.16.1.11", stale="sam2/sam2_decoder.onnx")
+
+
+def test_fp8_is_refused_with_what_writes_fp8_graphs(fake_build):
+    with pytest.raises(ValueError, match=r"fp8 Q/DQ graphs \(NVIDIA ModelOpt.*int8 Q/DQ only"):
+        fake_build("10.16.1.11", precision="fp8")
 
 
 def test_trt11_fp16_builds_strongly_typed_from_converted_graphs(fake_build, monkeypatch):
@@ -306,13 +350,15 @@ def test_missing_tensorrt_says_how_to_install(monkeypatch, tmp_path):
         trt_build.build_engines(_engine_folder(tmp_path))
 
 
-def test_folder_exported_with_ort_attention_is_refused(monkeypatch, tmp_path):
+@pytest.mark.parametrize("key", ["vision_attention", "sam2_attention"])
+def test_folder_exported_with_ort_attention_is_refused(monkeypatch, tmp_path, key):
     monkeypatch.setattr(trt_build, "device_info", lambda: dict(H100))
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_builder_trt("10.16.1.11"))
     folder = _engine_folder(tmp_path / "eng")
     manifest = json.loads((folder / "manifest.json").read_text())
-    write_manifest(folder, {**manifest, "vision_attention": "ort"})
-    with pytest.raises(ValueError, match=r"--vision-attention ort .*finers-rt export --checkpoints /ckpt --out DIR --device cuda"):
+    write_manifest(folder, {**manifest, key: "ort"})
+    flag = "--" + key.replace("_", "-")
+    with pytest.raises(ValueError, match=flag + r" ort .*finers-rt export --checkpoints /ckpt --out DIR --device cuda"):
         trt_build.build_engines(folder)
 
 

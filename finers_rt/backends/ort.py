@@ -63,17 +63,53 @@ def tensorrt_options(path: Path, precision: str) -> dict[str, str]:
     return opts
 
 
-def providers_for(device: str, precision: str = "fp32") -> list:
+@dataclass(frozen=True)
+class CudaGraphEP:
+    """ONNX Runtime's CUDA execution provider with CUDA-graph decode for the decoder graphs only:
+    `open_session` gets ("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) for DIR/<stage>/decoder.onnx
+    (the float16 GQA graph: `cuda_graph_choice`), the plain provider for vision and SAM2 (their
+    shapes change per image). The decoder then replays one captured graph per batch bucket
+    (`ort_cuda_graph.FixedGqaSteps`)."""
+
+    name = "CUDAExecutionProvider"
+
+    def for_graph(self, path: Path):
+        from .ort_cuda_graph import graph_providers
+
+        return graph_providers([self.name])[0] if Path(path).name == "decoder.onnx" else self.name
+
+
+def cuda_graph_choice(engine_dir: Path, device: str, cuda_graphs: bool | None) -> bool:
+    """Whether the decoders run from captured CUDA graphs. None (the default): on exactly when
+    device is "cuda" and the folder's decoder is the float16 GQA graph (`finers-rt export
+    --precision fp16 --decoder-attention gqa`), else off. True where that does not hold is an error
+    saying what to do (never a silent fallback); False is always off."""
+    from .ort_cuda_graph import check_graph_decoder
+
+    gqa, kv = decoder_attention(engine_dir) == "gqa", decoder_kv_dtype(engine_dir)
+    if cuda_graphs is None:
+        return device == "cuda" and gqa and kv == "float16"
+    if cuda_graphs:
+        check_graph_decoder(gqa, kv, device, engine_dir)
+    return bool(cuda_graphs)
+
+
+def providers_for(device: str, precision: str = "fp32", cuda_graphs: bool = False) -> list:
     """ORT providers for `device`; "tensorrt" is a `TensorrtEP` that `open_session` configures per graph.
 
-    precision: the engine folder's manifest precision.
+    precision: the engine folder's manifest precision. cuda_graphs: device "cuda" only
+    (`cuda_graph_choice`): the CUDA entry becomes a `CudaGraphEP`.
     """
+    if cuda_graphs and device != "cuda":
+        raise ValueError(f"CUDA graphs need device 'cuda', got {device!r}")
     try:
         providers = list(PROVIDERS[device])
     except KeyError:
         raise ValueError(f"ort device must be one of {sorted(PROVIDERS)}, got {device!r}") from None
     if device == "tensorrt":
         providers[0] = TensorrtEP(precision)
+    if cuda_graphs:
+        providers[0] = CudaGraphEP()
     return providers
 
 
@@ -100,14 +136,16 @@ def expected_digests(engine_dir: Path) -> dict[str, str]:
     return digests
 
 
-def checked_providers(engine_dir: str | Path, device: str) -> tuple[list, dict]:
-    """(providers for `device`, manifest) after the manifest and precision checks every loader makes."""
+def checked_providers(engine_dir: str | Path, device: str, cuda_graphs: bool | None = None) -> tuple[list, dict]:
+    """(providers for `device`, manifest) after the manifest and precision checks every loader makes;
+    cuda_graphs: None, True or False, as `cuda_graph_choice` decides it."""
     engine_dir = Path(engine_dir)
     manifest = load_manifest(engine_dir, expected_digests(engine_dir))
     if manifest["precision"] == "fp16" and device == "cpu":
         raise ValueError(f"{engine_dir} holds fp16 graphs, which need --device cuda or tensorrt; "
                          "export fp32, int8 or int4 for the CPU")
-    return providers_for(device, manifest["precision"]), manifest
+    graphs = cuda_graph_choice(engine_dir, device, cuda_graphs)
+    return providers_for(device, manifest["precision"], graphs), manifest
 
 
 def batch_buckets(device: str) -> tuple[int, ...] | None:
@@ -118,25 +156,28 @@ def batch_buckets(device: str) -> tuple[int, ...] | None:
     return None if device == "cpu" else BUCKETS
 
 
-def load_part(engine_dir: str | Path, part: str, device: str = "cpu"):
+def load_part(engine_dir: str | Path, part: str, device: str = "cpu", cuda_graphs: bool | None = None):
     """(OrtGenerator for gse|lpr or OrtSAM2 for sam2, manifest): one stage of an engine folder
-    (what a Ray Serve stage replica loads), checked as the whole folder is."""
+    (what a Ray Serve stage replica loads), checked as the whole folder is. cuda_graphs:
+    `cuda_graph_choice` (default: on for device "cuda" with the float16 GQA decoder)."""
     from .ort_sam2 import OrtSAM2
     from .ort_vlm import OrtGenerator
 
-    providers, manifest = checked_providers(engine_dir, device)
+    providers, manifest = checked_providers(engine_dir, device, cuda_graphs)
     if part == "sam2":
         return OrtSAM2(Path(engine_dir) / part, providers=providers), manifest
     return OrtGenerator(Path(engine_dir) / part, providers=providers, batch_buckets=batch_buckets(device)), manifest
 
 
-def load_ort(engine_dir: str | Path, device: str = "cpu"):
-    """(gse Generator, lpr Generator, SAM2 predictor, manifest) from an exported engine folder."""
+def load_ort(engine_dir: str | Path, device: str = "cpu", cuda_graphs: bool | None = None):
+    """(gse Generator, lpr Generator, SAM2 predictor, manifest) from an exported engine folder.
+    cuda_graphs: decode from captured CUDA graphs, `cuda_graph_choice` (default: on for device
+    "cuda" with the float16 GQA decoder, off otherwise; True where impossible is an error)."""
     from .ort_sam2 import OrtSAM2
     from .ort_vlm import OrtGenerator
 
     engine_dir = Path(engine_dir)
-    providers, manifest = checked_providers(engine_dir, device)
+    providers, manifest = checked_providers(engine_dir, device, cuda_graphs)
     buckets = batch_buckets(device)
     gse = OrtGenerator(engine_dir / "gse", providers=providers, batch_buckets=buckets)
     lpr = OrtGenerator(engine_dir / "lpr", providers=providers, batch_buckets=buckets)

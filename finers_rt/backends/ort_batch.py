@@ -48,7 +48,6 @@ import onnxruntime as ort
 
 from ..config import ENDOFTEXT_ID
 from .ort_decode import STOP_IDS, OrtDecoder
-from .ort_decode_gqa import GqaSteps
 
 BUCKETS = (1, 2, 4, 8)  # the decoder spec's TensorRT profile allows batch 1..8
 PAD_POSITION = 1  # M-RoPE id of a padding slot; masked, so any valid id does
@@ -297,7 +296,7 @@ def _greedy_batch_gqa(decoder: OrtDecoder, prompts: list[Prompt], max_new_tokens
     rows = bucket_rows(len(prompts), buckets)
     batch = right_pad(prompts, rows)
     state = _Rows(prompts, rows, max_new_tokens, stop_ids)
-    steps = GqaSteps(decoder, rows, batch.length + max_new_tokens)
+    steps = decoder.gqa_steps(rows, batch.length + max_new_tokens)  # GqaSteps or FixedGqaSteps
     live = np.arange(rows)
 
     t0 = time.perf_counter()

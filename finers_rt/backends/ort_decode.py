@@ -12,7 +12,10 @@ and reads the sampled id from a preallocated logits buffer.
 
 GQA graph: a fixed-size KV cache written in place and every step buffer bound once
 (`ort_decode_gqa.GqaSteps`): no binding and no allocation per decode step. Its KV dtype is the
-graph's (float32, or float16 for the GPU export); a float32 one is refused on CUDA.
+graph's (float32, or float16 for the GPU export); a float32 one is refused on CUDA. A session
+opened with the CUDA EP's enable_cuda_graph option (`ort.CudaGraphEP`) decodes from captured CUDA
+graphs with device OrtValues refilled in place (`ort_cuda_graph.FixedGqaSteps`); `fixed_steps=True`
+runs that same path without capture (device 'cpu' OrtValues on the CPU).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import onnxruntime as ort
 from ..config import ENDOFTEXT_ID, IM_END_ID
 from ..qwen_rope import decode_position_ids
 from .lm_head import is_screened, lm_head_rows
+from .ort_cuda_graph import FixedGqaSteps, check_graph_decoder, graph_enabled
 from .ort_decode_gqa import GqaSteps, KVCache, check_gqa_device, kv_dtype
 from .ort_session import open_session
 
@@ -36,7 +40,10 @@ _DEVICE_OF = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cud
 class OrtDecoder:
     """Prefill + one-token greedy steps on the decoder graph. Batch 1; numpy in, token ids out."""
 
-    def __init__(self, onnx_path: str | Path, embed_path: str | Path, *, providers: list[str] | None = None):
+    def __init__(self, onnx_path: str | Path, embed_path: str | Path, *, providers: list[str] | None = None,
+                 fixed_steps: bool = False):
+        """fixed_steps: GQA decode steps on `FixedGqaSteps` device OrtValues without capture (always
+        on for a session with CUDA graphs enabled, which only the float16 GQA graph may have)."""
         self.session = open_session(onnx_path, providers)
         self.device = _DEVICE_OF.get(self.session.get_providers()[0], "cpu")
         # [V, H] float32; memory-mapped: the 7B table is 2.2 GB and a prompt touches ~100 rows.
@@ -54,6 +61,17 @@ class OrtDecoder:
             dtype = kv_dtype(self.session, self.past_names[0])
             check_gqa_device(dtype, self.device, onnx_path)
             self.kv_cache = KVCache(self.past_names, self.kv_heads, self.head_dim, self.device, dtype)
+        self.cuda_graph = graph_enabled(self.session)  # decode steps replay captured CUDA graphs
+        if self.cuda_graph:
+            check_graph_decoder(self.gqa, dtype if self.gqa else np.float32, self.device, onnx_path)
+        self.fixed_steps = self.cuda_graph or fixed_steps
+        if self.fixed_steps and not self.gqa:
+            raise ValueError(f"{onnx_path}: fixed_steps needs the GQA decoder (export --decoder-attention gqa)")
+        self.step_buffers = None  # `ort_cuda_graph.StepBuffers` of the last GQA generate, kept for its graph
+
+    def gqa_steps(self, rows: int, capacity: int) -> GqaSteps:
+        """Prefill + step driver for `rows` rows and `capacity` KV slots on the GQA graph."""
+        return (FixedGqaSteps if self.fixed_steps else GqaSteps)(self, rows, capacity)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """(S,) token ids -> (S, H) float32 embeddings (a writable copy: image rows go in after)."""
@@ -127,7 +145,7 @@ class OrtDecoder:
     def _greedy_gqa(self, inputs_embeds, position_ids, rope_delta, max_new_tokens, stop_ids, forced_ids):
         """`greedy` on the GQA graph: KV capacity = prompt + max_new_tokens, buffers bound once."""
         seq = inputs_embeds.shape[0]
-        steps = GqaSteps(self, 1, seq + max_new_tokens)
+        steps = self.gqa_steps(1, seq + max_new_tokens)
         t0 = time.perf_counter()
         logits = steps.prefill(inputs_embeds[None], position_ids, np.array([seq]), np.array([rope_delta]))
         ids = [self._pick(logits, forced_ids, 0)]

@@ -32,6 +32,11 @@ def resolve_providers(providers: list, path: Path) -> list:
     return [p.for_graph(path) if hasattr(p, "for_graph") else p for p in providers]
 
 
+def _cuda_graph_requested(providers: list) -> bool:
+    """True when an entry is ("CUDAExecutionProvider", {..., "enable_cuda_graph": "1"})."""
+    return any(not isinstance(p, str) and p[1].get("enable_cuda_graph") == "1" for p in providers)
+
+
 def open_session(path: str | Path, providers: list | None, spec: GraphSpec | None = None, *,
                  once_per_stage: bool = False) -> ort.InferenceSession:
     """An InferenceSession that really runs on `providers`, with IO names matching `spec`.
@@ -65,7 +70,14 @@ def open_session(path: str | Path, providers: list | None, spec: GraphSpec | Non
     if once_per_stage:
         options.add_session_config_entry("session.force_spinning_stop", "1")
         options.enable_mem_pattern = False
-    session = ort.InferenceSession(str(path), options, providers=providers)
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # ORT's own error; with CUDA graphs requested, say what to do
+        if not _cuda_graph_requested(providers):
+            raise
+        raise RuntimeError(f"{path}: ONNX Runtime refused the CUDA-graph session ({e}). Capture needs every compute "
+                           "node on the CUDA provider: use the float16 GQA decoder (`finers-rt export --precision "
+                           "fp16 --decoder-attention gqa`) or load with cuda_graphs=False") from e
     loaded = session.get_providers()
     for name in names:
         if name not in loaded:
