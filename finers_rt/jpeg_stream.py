@@ -30,7 +30,6 @@ from __future__ import annotations
 import io
 import logging
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -128,14 +127,12 @@ def open_resized(source, size: tuple[int, int]) -> tuple[Image.Image, np.ndarray
         data = Path(source).read_bytes()
     else:
         return None  # the usual path reports it
-    try:
-        with warnings.catch_warnings():  # the usual path warns or refuses, once
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                (W, H), (w, h) = im.size, tuple(size)
-                if not _eligible(im) or w >= W or h > H:
-                    return None
-                tile, config = im.tile[0], im.decoderconfig
+    try:  # (an oversized frame's DecompressionBombWarning shows once: same source line both ways)
+        with Image.open(io.BytesIO(data)) as im:
+            (W, H), (w, h) = im.size, tuple(size)
+            if not _eligible(im) or w >= W or h > H:
+                return None
+            tile, config = im.tile[0], im.decoderconfig
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None  # not an image Pillow opens: the usual path reports it
     core = Image.core.new("RGB", (W, H))
