@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile
 
-from .host_parallel import HOST_THREADS, _executor, bands, resize
+from .host_parallel import HOST_THREADS, _executor, map_bands, resize
 
 log = logging.getLogger(__name__)
 
@@ -179,20 +179,11 @@ def _resize_rows(view: Image.Image, size: tuple[int, int], progress: _Progress) 
             if ready - v_done >= BAND_ROWS // k:
                 vertical((v_done, ready))
                 v_done = ready
-    # decode done: the rest of each pass on every host thread
-    _parallel(horizontal, h_done, H)
+    # decode done: the rest of each pass in bands on every host thread
+    if h_done < H:
+        map_bands(lambda s: horizontal((h_done + s[0], h_done + s[1])), H - h_done, HOST_THREADS)
     if not k:
         return np.asarray(resize(mid, (w, h), Image.BILINEAR))
-    _parallel(vertical, v_done, h)
+    if v_done < h:
+        map_bands(lambda s: vertical((v_done + s[0], v_done + s[1])), h - v_done, HOST_THREADS)
     return np.asarray(out)
-
-
-def _parallel(fn, start: int, stop: int) -> None:
-    """fn((a, b)) over [start, stop) split into one band per host thread."""
-    if stop <= start:
-        return
-    spans = [(start + a, start + b) for a, b in bands(stop - start, HOST_THREADS)]
-    futures = [_executor().submit(fn, s) for s in spans[1:]]
-    fn(spans[0])
-    for f in futures:
-        f.result()

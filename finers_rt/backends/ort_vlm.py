@@ -23,6 +23,16 @@ from .ort_vision import OrtVision
 STOP_IDS = (IM_END_ID, ENDOFTEXT_ID)
 
 
+def expand_image_pad(prompt_ids: np.ndarray, n_image_tokens: int) -> np.ndarray:
+    """(S0,) int64 chat ids holding one <|image_pad|> -> (S,) ids with it repeated n_image_tokens
+    times (what HF's processor writes for one image)."""
+    (pos,) = np.nonzero(prompt_ids == IMAGE_PAD_ID)
+    if len(pos) != 1:
+        raise ValueError(f"the prompt must hold exactly one <|image_pad|>, found {len(pos)}")
+    p = int(pos[0])
+    return np.concatenate([prompt_ids[:p], np.full(n_image_tokens, IMAGE_PAD_ID, np.int64), prompt_ids[p + 1:]])
+
+
 class OrtGenerator:
     """Greedy Qwen2.5-VL generation from an exported stage folder."""
 
@@ -43,10 +53,7 @@ class OrtGenerator:
         expanded string (what the HF processor does) and is ~100x cheaper for 2,691 tokens.
         """
         ids = np.asarray(self.tokenizer.encode(prompt, add_special_tokens=False).ids, dtype=np.int64)
-        (pos,) = np.nonzero(ids == IMAGE_PAD_ID)
-        if len(pos) != 1:
-            raise ValueError(f"the prompt must hold exactly one <|image_pad|>, found {len(pos)}")
-        return np.concatenate([ids[: pos[0]], np.full(n_image_tokens, IMAGE_PAD_ID, np.int64), ids[pos[0] + 1:]])
+        return expand_image_pad(ids, n_image_tokens)
 
     def _embeds(self, ids: np.ndarray, image_embeds: np.ndarray) -> np.ndarray:
         """(S, H) float32 prompt embeddings: host table rows for the text tokens, the vision tower's

@@ -35,6 +35,7 @@ from ..config import ENDOFTEXT_ID, IM_END_ID, IMAGE_PAD_ID
 from ..prompts import render_chat
 from ..qwen_rope import rope_index
 from ..vlm import Generation
+from .ort_vlm import expand_image_pad  # the one <|image_pad|> -> n image tokens, as ort does
 from .trtllm_vlm import STOP_IDS, require_trtllm
 
 FORCE_PROCESSOR = "finers_force"  # name of the forced-output logits post-processor
@@ -60,16 +61,6 @@ class RopeArch:
         vision = config.get("vision_config", {})
         return cls(arch.head_dim, arch.rope_theta, tuple(arch.mrope_section), arch.max_positions,
                    config.get("image_token_id", IMAGE_PAD_ID), vision.get("spatial_merge_size", 2))
-
-
-def expand_image_pad(prompt_ids: np.ndarray, n_image_tokens: int) -> np.ndarray:
-    """(S0,) chat ids holding one <|image_pad|> -> (S,) ids with it repeated n_image_tokens times
-    (what HF's processor and `OrtGenerator._prompt_ids` produce)."""
-    (pos,) = np.nonzero(prompt_ids == IMAGE_PAD_ID)
-    if len(pos) != 1:
-        raise ValueError(f"the prompt must hold exactly one <|image_pad|>, found {len(pos)}")
-    p = int(pos[0])
-    return np.concatenate([prompt_ids[:p], np.full(n_image_tokens, IMAGE_PAD_ID, np.int64), prompt_ids[p + 1:]])
 
 
 def fake_prompt_ids(input_ids: np.ndarray, image_token_id: int, vocab_size: int) -> np.ndarray:
