@@ -15,9 +15,15 @@ plus float32 rounding of the graph's and the host's dot products, covered by (3H
 ||x||_2 ||w_i||_2 (the worst case of the host's length-H float32 dot, twice that again for the
 graph's own roundings of d, its norms and the scaling).
 Standard ONNX ops only (DynamicQuantizeLinear, MatMulInteger, DequantizeLinear): their results are
-defined by the ONNX spec, not by one runtime's kernels, so the bound holds wherever the graph runs.
-The activation quantization is per tensor, so a hidden state with large outliers gets a coarse
-step and wider intervals: more rows are rescored, the argmax stays exact.
+defined by the ONNX spec, so the bound holds wherever the graph runs, provided the int32 products
+are exact. With full-range int8 weights they are not on every kernel: ONNX Runtime's x86 u8s8 GEMM
+without VNNI (AVX2, AVX-512F) sums pairs of u8 x s8 products in saturating int16 (vpmaddubsw),
+wrong once a pair passes 32767 (255 * 127 * 2 = 64770; measured on an AVX2-only EPYC, ORT 1.32:
+every output of a full-range MatMulInteger wrong). So the weight rows are quantized to 7 bits,
+codes -63..63 (a pair is at most 255 * 63 * 2 = 32130: exact on every kernel), while the
+activations keep 8 bits: their per-tensor step is what sets the interval width (a hidden state
+with outliers gets a coarse step; more rows are rescored, the argmax stays exact), the weight
+rows' own error is a few times smaller.
 """
 from __future__ import annotations
 
@@ -26,14 +32,15 @@ from dataclasses import dataclass
 import numpy as np
 
 EPS32 = 2.0 ** -24  # unit roundoff of float32
+WEIGHT_LEVELS = 63  # weight codes per sign: 7-bit, so no int16 pair sum saturates (module docstring)
 
 
 @dataclass(frozen=True)
 class ScreenTables:
     """Per-vocab-row constants of the screened head for a weight W [V, H]."""
 
-    weight_q: np.ndarray  # int8 [H, V]: round(W / scale) transposed, as MatMulInteger's B wants it
-    scale: np.ndarray  # float32 [V]: per-row absmax / 127
+    weight_q: np.ndarray  # int8 [H, V] in -63..63: round(W / scale) transposed, as MatMulInteger's B wants it
+    scale: np.ndarray  # float32 [V]: per-row absmax / WEIGHT_LEVELS
     err_weight: np.ndarray  # float32 [V]: ||w_i - q_i||_2 + (3H + 32) 2^-24 ||w_i||_2, rounded up
     q_norm: np.ndarray  # float32 [V]: ||q_i||_2, rounded up
 
@@ -47,13 +54,13 @@ def _up(values: np.ndarray) -> np.ndarray:
 
 
 def screen_tables(weight: np.ndarray) -> ScreenTables:
-    """Quantize W [V, H] float32 per row (symmetric int8) and precompute the bound's row terms."""
+    """Quantize W [V, H] float32 per row (symmetric, 7-bit codes in int8) and precompute the bound's row terms."""
     w = np.asarray(weight, dtype=np.float64)
     h = w.shape[1]
     absmax = np.abs(w).max(axis=1)
-    scale = (absmax / 127.0).astype(np.float32)
+    scale = (absmax / WEIGHT_LEVELS).astype(np.float32)
     scale[scale == 0] = 1.0  # an all-zero row: q = 0 exactly, any scale works
-    q_int = np.clip(np.rint(w / scale[:, None]), -127, 127)
+    q_int = np.clip(np.rint(w / scale[:, None]), -WEIGHT_LEVELS, WEIGHT_LEVELS)
     q = q_int * scale.astype(np.float64)[:, None]  # exactly what the graph multiplies by (float32 scale)
     rounding = (3 * h + 32) * EPS32 * np.linalg.norm(w, axis=1)
     return ScreenTables(

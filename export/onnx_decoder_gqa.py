@@ -52,7 +52,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from ..backends.lm_head import ROWS_KEY, screened_argmax
+from ..backends.lm_head import FORMAT_KEY, ROWS_KEY, SCREEN_FORMAT, screened_argmax
 from ..specs import decoder_gqa_spec
 from .lm_head_screen import add_screened_head, screen_tables
 from .onnx_decoder import (
@@ -225,7 +225,7 @@ def build_graph(model, spec, lm_head: str = "fp32", rows_file: str | None = None
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
     model_proto = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="finers-rt")
     if rows_file is not None:
-        helper.set_model_props(model_proto, {ROWS_KEY: rows_file})
+        helper.set_model_props(model_proto, {ROWS_KEY: rows_file, FORMAT_KEY: SCREEN_FORMAT})
     return model_proto
 
 

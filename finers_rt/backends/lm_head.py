@@ -15,6 +15,9 @@ import numpy as np
 
 SCREENED_OUTPUTS = ("logits_lo", "logits_hi", "hidden")
 ROWS_KEY = "lm_head_rows"  # graph metadata: the .npy beside it holding the float32 lm_head [V, H]
+# graph metadata naming the head's code ranges. "w7": 7-bit weight codes, exact on every int8 GEMM
+# kernel (export/lm_head_screen.py); graphs without it (8-bit codes) overflow ORT's AVX2 kernel.
+FORMAT_KEY, SCREEN_FORMAT = "lm_head_screen", "w7"
 
 
 def screened_argmax(lo: np.ndarray, hi: np.ndarray, hidden: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, int]:
@@ -37,9 +40,14 @@ def is_screened(session) -> bool:
 def lm_head_rows(session, onnx_path: Path, embed_table: np.ndarray) -> np.ndarray:
     """The float32 lm_head [V, H] a screened graph rescores from: the embedding table when the
     model ties them (Qwen2.5-VL 3B; the tiny and bench checkpoints), else the file its metadata names."""
-    name = session.get_modelmeta().custom_metadata_map.get(ROWS_KEY)
+    meta = session.get_modelmeta().custom_metadata_map
+    name = meta.get(ROWS_KEY)
     if name is None:
         raise ValueError(f"{onnx_path} has screened outputs but no {ROWS_KEY!r} metadata: re-export it")
+    if meta.get(FORMAT_KEY) != SCREEN_FORMAT:
+        raise ValueError(f"{onnx_path}: screened lm_head of an older format ({FORMAT_KEY}={meta.get(FORMAT_KEY)!r}, "
+                         f"want {SCREEN_FORMAT!r}): its 8-bit weight codes give wrong bounds on CPUs without VNNI; "
+                         "re-export with `finers-rt export`")
     return embed_table if name == "embed_tokens.npy" else np.load(Path(onnx_path).parent / name, mmap_mode="r")
 
 
