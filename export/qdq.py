@@ -1,9 +1,11 @@
-"""`finers-rt export --qdq int8`: explicitly quantized (Q/DQ) copies of the graphs TensorRT builds.
+"""`finers-rt export --qdq int8|fp8`: explicitly quantized (Q/DQ) copies of the graphs TensorRT builds.
 
 A model-to-model transform applied to an exported engine folder (the fp32 graphs stay): for each of
-`trt_engines.TRT_GRAPHS` it writes `<graph>.int8.onnx` beside it (gse/vision.int8.onnx, ...), made
-by ONNX Runtime's `quantize_static` in QDQ format, in the form TensorRT's explicit quantization
-takes (TensorRT 10 and 11 build int8 only from Q/DQ graphs; `trt_build` picks these files):
+the recipe's graphs (`trt_engines.QDQ_GRAPHS`) it writes `<graph>.int8.onnx` (or `.fp8.onnx`) beside it, made by ONNX
+Runtime's `quantize_static` in QDQ format, in the form TensorRT's explicit quantization takes
+(TensorRT 10 and 11 build int8 / fp8 only from Q/DQ graphs; `trt_build` picks these files). fp8
+(E4M3, Ada / Hopper) converts the int8 graph: same calibration, same placement (`qdq_fp8`), for
+the vision towers only (`trt_engines.QDQ_GRAPHS`: SAM2 failed the fp8 gates and builds in fp16).
 
 - int8 weights, per output channel, symmetric (zero point 0); int8 activations, per tensor,
   symmetric (`ActivationSymmetric`): TensorRT supports only symmetric int8 Q/DQ.
@@ -34,12 +36,12 @@ import numpy as np
 from tqdm import tqdm
 
 from ..manifest import MANIFEST, write_manifest
-from ..trt_engines import TRT_GRAPHS
+from ..trt_engines import QDQ_GRAPHS
 from .qdq_inputs import calibration_samples, graph_feeds
 
 log = logging.getLogger(__name__)
 
-QDQ_PRECISIONS = ("int8",)  # fp8: see README (ModelOpt); int8 is what ORT's quantizer writes for TensorRT
+QDQ_PRECISIONS = ("int8", "fp8")
 QUANT_OPS = ("MatMul", "Gemm", "Conv")  # weight-bearing ops only (a constant second input)
 CALIB_METHOD = "MinMax"
 # Held-out deviation limits, Q/DQ vs fp32 in ORT on the CPU. Vision: worst per-token cosine of the
@@ -59,6 +61,13 @@ class QdqParityError(RuntimeError):
 def qdq_file(rel: str, precision: str = "int8") -> str:
     """gse/vision.onnx -> gse/vision.int8.onnx (beside the fp32 graph)."""
     return rel[: -len(".onnx")] + f".{precision}.onnx"
+
+
+def qdq_sections(manifest: dict) -> dict[str, dict]:
+    """The manifest's `qdq` sections by precision: {"int8": {...}, "fp8": {...}} (a folder written
+    before fp8 existed holds one section at the top level, {"precision": "int8", ...})."""
+    sections = manifest.get("qdq") or {}
+    return {sections["precision"]: sections} if "precision" in sections else dict(sections)
 
 
 def graph_kind(rel: str) -> str:
@@ -170,11 +179,25 @@ def deviation(kind: str, ref: dict, got: dict) -> dict:
             "iou_pred_max_abs_diff": float(np.abs(ref["iou_predictions"] - got["iou_predictions"]).max())}
 
 
-def check_parity(kind: str, fp32: Path, qdq: Path, feeds: list[dict]) -> dict:
-    """Run both graphs in ORT on the CPU on held-out feeds; worst case over them; raise past THRESHOLDS."""
+def simulation_session(path: Path):
+    """An ORT CPU session that runs a Q/DQ graph as written: QuantizeLinear -> DequantizeLinear ->
+    the float op (`session.disable_quant_qdq`), the arithmetic TensorRT's int8 kernels reproduce
+    (int32 accumulation of int8 products, exact). ORT's default fuses each pair into its own int8
+    GEMM, whose x86 kernel without VNNI (AVX2) sums u8 x s8 product pairs in saturating int16:
+    measured on an AVX2-only EPYC (ORT 1.32), a 16x8 MatMul's outputs off by up to 10 (of 27)."""
     import onnxruntime as ort
 
-    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32, qdq)]
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def check_parity(kind: str, fp32: Path, qdq: Path, feeds: list[dict]) -> dict:
+    """Run both graphs in ORT on the CPU on held-out feeds (the Q/DQ one as written,
+    `simulation_session`); worst case over them; raise past THRESHOLDS."""
+    import onnxruntime as ort
+
+    sessions = [ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]), simulation_session(qdq)]
     names = [o.name for o in sessions[0].get_outputs()]
     rows = [deviation(kind, *(dict(zip(names, s.run(None, f))) for s in sessions)) for f in feeds]
     worst = {}
@@ -192,7 +215,8 @@ def check_parity(kind: str, fp32: Path, qdq: Path, feeds: list[dict]) -> dict:
 
 def export_qdq(engine_dir: Path, *, precision: str = "int8", calib_data: Path | None = None,
                calib_count: int = DEFAULT_CALIB, holdout: int = DEFAULT_HOLDOUT, progress: bool = True) -> dict:
-    """Write Q/DQ copies of TRT_GRAPHS in `engine_dir`, verify them, record the manifest's `qdq` section.
+    """Write Q/DQ copies of QDQ_GRAPHS[precision] in `engine_dir`, verify them, record the manifest's
+    `qdq` section for `precision`.
 
     calib_count images calibrate, the next `holdout` images check parity (THRESHOLDS); both come
     from `calib_data` (FineRS-4k folder) or synthetic frames. Returns the `qdq` section.
@@ -202,8 +226,7 @@ def export_qdq(engine_dir: Path, *, precision: str = "int8", calib_data: Path | 
     import onnxruntime as ort
 
     if precision not in QDQ_PRECISIONS:
-        raise ValueError(f"--qdq must be one of {QDQ_PRECISIONS} (fp8 Q/DQ needs NVIDIA ModelOpt, see README), "
-                         f"got {precision!r}")
+        raise ValueError(f"--qdq must be one of {QDQ_PRECISIONS}, got {precision!r}")
     engine_dir = Path(engine_dir)
     manifest = json.loads((engine_dir / MANIFEST).read_text())
     if manifest.get("precision") != "fp32":
@@ -217,18 +240,33 @@ def export_qdq(engine_dir: Path, *, precision: str = "int8", calib_data: Path | 
         samples = calibration_samples(calib_data, calib_count + holdout, Path(tmp))
         calib, held = samples[:calib_count], samples[calib_count:]
         encoder = ort.InferenceSession(str(engine_dir / "sam2/sam2_encoder.onnx"), providers=["CPUExecutionProvider"])
-        for rel in TRT_GRAPHS:
+        for rel in QDQ_GRAPHS[precision]:
             src, dst = engine_dir / rel, engine_dir / qdq_file(rel, precision)
             n = quantize_graph(src, dst, graph_feeds(engine_dir, rel, calib, encoder), progress=progress)
+            if precision == "fp8":  # the int8 graph just written becomes fp8 (module docstring)
+                fp8_from_int8(dst, src)
             parity = check_parity(graph_kind(rel), src, dst, graph_feeds(engine_dir, rel, held, encoder))
             graphs[rel] = {"file": qdq_file(rel, precision), "quantized_nodes": n, "source_sha256": file_sha256(src),
                            "parity": parity}
             log.info("%s -> %s: %s", rel, graphs[rel]["file"], {k: v for k, v in parity.items() if k != "per_input"})
-    manifest["qdq"] = {"precision": precision, "method": CALIB_METHOD, "calib_images": calib_count,
-                       "held_out_images": holdout, "calib_data": str(calib_data) if calib_data else "synthetic",
-                       "graphs": graphs}
+    section = {"precision": precision, "method": CALIB_METHOD, "calib_images": calib_count,
+               "held_out_images": holdout, "calib_data": str(calib_data) if calib_data else "synthetic",
+               "graphs": graphs}
+    manifest["qdq"] = {**qdq_sections(manifest), precision: section}
     write_manifest(engine_dir, manifest)
-    return manifest["qdq"]
+    return section
+
+
+def fp8_from_int8(path: Path, fp32: Path) -> None:
+    """Rewrite the int8 Q/DQ graph at `path` as fp8 in place (`qdq_fp8.to_fp8`; weights from `fp32`)."""
+    import onnx
+
+    from .qdq_fp8 import to_fp8
+
+    model = onnx.load(str(path))
+    n = to_fp8(model, onnx.load(str(fp32)))
+    onnx.save_model(model, str(path))
+    log.info("%s: fp8 (E4M3) Q/DQ, %d weights", path, n)
 
 
 def print_qdq(section: dict) -> None:
@@ -243,7 +281,7 @@ def print_qdq(section: dict) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m finers_rt.export.qdq", description=__doc__.splitlines()[0])
     p.add_argument("--engines", required=True, type=Path, help="fp32 engine folder from `finers-rt export --device cuda`")
-    p.add_argument("--precision", default="int8", choices=QDQ_PRECISIONS)
+    p.add_argument("--precision", default="int8", choices=QDQ_PRECISIONS, help="int8, or fp8 (E4M3; TensorRT on SM >= 8.9)")
     p.add_argument("--calib-data", type=Path, default=None, help="FineRS-4k folder; default: synthetic frames")
     p.add_argument("--calib-count", type=int, default=DEFAULT_CALIB, help="calibration images")
     args = p.parse_args(argv)

@@ -22,8 +22,10 @@ Precision, per TensorRT major:
   (`finers_rt.export.qdq`; gse/vision.int8.onnx, ...), refused when they are missing or made from
   another fp32 graph. On 10.x the weak-typing flags INT8 + FP16 are set (the Q/DQ pairs fix where
   int8 runs, FP16 lets the unquantized layers run in fp16); on 11.x no flag: the Q/DQ graph's own
-  types (int8 around the weight-bearing ops, fp32 elsewhere). fp8 needs fp8 Q/DQ graphs (NVIDIA
-  ModelOpt's ONNX PTQ), which finers-rt does not write: see README.
+  types (int8 around the weight-bearing ops, fp32 elsewhere). fp8 likewise, from the E4M3 Q/DQ
+  copies of `export --qdq fp8` (`finers_rt.export.qdq_fp8`), flags FP8 + FP16 on 10.x, SM >= 8.9;
+  the fp8 recipe quantizes the vision towers only, SAM2's engines build as fp16
+  (`trt_engines.QDQ_GRAPHS`; `engine_precision`), which the manifest records per engine.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from ..manifest import load_manifest, write_manifest
 from ..trt_engines import (
     BUILD_DEFAULTS,
     TENSORRT_PINS,
+    QDQ_GRAPHS,
     TRT_GRAPHS,
     engine_file,
     graph_profile,
@@ -106,6 +109,14 @@ def check_precision(precision: str, major: int, sm: str, manifest_precision: str
                          "finers-rt has no bf16 converter (NVIDIA ModelOpt AutoCast writes them): use fp16")
 
 
+def engine_precision(precision: str, rel: str) -> str:
+    """The precision graph `rel` builds in under `--precision precision`: fp16 for the graphs an
+    explicit-quantization recipe leaves out (fp8: SAM2), else `precision`."""
+    if precision in QDQ_PRECISIONS and rel not in QDQ_GRAPHS[precision]:
+        return "fp16"
+    return precision
+
+
 def has_qdq(onnx_path: Path) -> bool:
     """Whether a graph is explicitly quantized (QuantizeLinear/DequantizeLinear nodes)."""
     import onnx
@@ -116,21 +127,18 @@ def has_qdq(onnx_path: Path) -> bool:
 
 def qdq_graph(engine_dir: Path, manifest: dict, rel: str, precision: str) -> Path:
     """The explicitly quantized copy of graph `rel` recorded by `finers_rt.export.qdq.export_qdq`."""
+    from .qdq import file_sha256, qdq_sections
+
     fix = (f"run `finers-rt export --checkpoints {manifest.get('checkpoints', 'CKPT')} --out {engine_dir} --device cuda "
-           f"--qdq int8 --overwrite` (or `python -m finers_rt.export.qdq --engines {engine_dir}`)")
-    if precision == "fp8":
-        raise ValueError("fp8 engines need fp8 Q/DQ graphs (NVIDIA ModelOpt's ONNX PTQ writes them); finers-rt writes "
-                         f"int8 Q/DQ only: build with --precision int8 after {fix}")
-    section = manifest.get("qdq") or {}
-    entry = section.get("graphs", {}).get(rel) if section.get("precision") == precision else None
+           f"--qdq {precision} --overwrite` (or `python -m finers_rt.export.qdq --engines {engine_dir} "
+           f"--precision {precision}`)")
+    entry = qdq_sections(manifest).get(precision, {}).get("graphs", {}).get(rel)
     if entry is None:
         raise ValueError(f"{precision} engines need explicitly quantized graphs (Q/DQ nodes; TensorRT 10 deprecated "
                          f"and 11 removed implicit int8 calibration); {engine_dir} records none for {rel}: {fix}")
     path = engine_dir / entry["file"]
     if not path.is_file() or not has_qdq(path):
         raise ValueError(f"{path} is missing or has no Q/DQ node: {fix}")
-    from .qdq import file_sha256
-
     if entry.get("source_sha256") != file_sha256(engine_dir / rel):
         raise ValueError(f"{path} was quantized from another {rel} (the fp32 graph changed since): {fix}")
     return path
@@ -141,7 +149,7 @@ def typed_onnx(onnx_path: Path, precision: str, major: int, manifest_precision: 
     For int8 `onnx_path` is already the Q/DQ copy (`qdq_graph`): it is built as it is."""
     if precision in QDQ_PRECISIONS and not has_qdq(onnx_path):
         raise ValueError(f"{precision} engines need explicitly quantized graphs (Q/DQ nodes); {onnx_path} has none: "
-                         "run `finers-rt export --qdq int8`")
+                         f"run `finers-rt export --qdq {precision}`")
     if major < 11 or precision != "fp16" or manifest_precision == "fp16":
         return onnx_path
     from .quantize import to_fp16
@@ -175,12 +183,15 @@ def build_engines(engine_dir: Path, *, precision: str = BUILD_DEFAULTS["precisio
     with tempfile.TemporaryDirectory(dir=engine_dir, prefix=".trt-build-") as tmp:
         for rel in TRT_GRAPHS:
             t0 = time.perf_counter()
-            src = qdq_graph(engine_dir, manifest, rel, precision) if precision in QDQ_PRECISIONS else engine_dir / rel
-            onnx_path = typed_onnx(src, precision, major, manifest["precision"], Path(tmp))
-            plan = build_engine(trt, onnx_path, profiles[rel], precision=precision,
+            graph_precision = engine_precision(precision, rel)
+            quantized = graph_precision in QDQ_PRECISIONS
+            src = qdq_graph(engine_dir, manifest, rel, graph_precision) if quantized else engine_dir / rel
+            onnx_path = typed_onnx(src, graph_precision, major, manifest["precision"], Path(tmp))
+            plan = build_engine(trt, onnx_path, profiles[rel], precision=graph_precision,
                                 workspace_bytes=int(workspace_gb * (1 << 30)))
             (engine_dir / engine_file(rel)).write_bytes(plan)
-            engines[rel] = {"file": engine_file(rel), "onnx": str(src.relative_to(engine_dir)), "profile": profiles[rel],
+            engines[rel] = {"file": engine_file(rel), "onnx": str(src.relative_to(engine_dir)),
+                            "precision": graph_precision, "profile": profiles[rel],
                             "spec_digest": graph_spec(engine_dir, rel).digest(), "bytes": len(plan),
                             "build_s": round(time.perf_counter() - t0, 1)}
             log.info("%s -> %s (%d bytes)", rel, engine_file(rel), len(plan))
@@ -197,7 +208,8 @@ def cmd_build(args) -> None:
     print(f"built {len(section['engines'])} TensorRT {section['tensorrt']} engines ({section['precision']}) "
           f"for {section['gpu']} (SM {section['sm']}) in {args.engines}:")
     for e in section["engines"].values():
-        print(f"  {e['file']:<28} {e['bytes'] / 2**20:8.1f} MiB  {e['build_s']:6.1f} s")
+        print(f"  {e['file']:<28} {e.get('precision', section['precision']):<5} {e['bytes'] / 2**20:8.1f} MiB  "
+              f"{e['build_s']:6.1f} s")
     print("run them with Pipeline.from_engines(DIR, device='trt'); they are valid only on this "
           "TensorRT release and GPU architecture")
 
@@ -208,7 +220,7 @@ def add_build_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, choices=["trt"], help="trt: TensorRT engines for vision + SAM2")
     p.add_argument("--precision", default=BUILD_DEFAULTS["precision"], choices=PRECISIONS,
                    help="fp16 (default), bf16 (TensorRT 10, SM >= 8.0), fp32, int8 (from the Q/DQ graphs of "
-                        "`finers-rt export --qdq int8`), fp8 (fp8 Q/DQ graphs, which finers-rt does not write; SM >= 8.9)")
+                        "`finers-rt export --qdq int8`), fp8 (from those of `--qdq fp8`; SM >= 8.9)")
     p.add_argument("--max-batch", type=int, default=BUILD_DEFAULTS["max_batch"],
                    help="profile max of dynamic batch dims (the current graphs have none: 1)")
     p.add_argument("--workspace-gb", type=float, default=BUILD_DEFAULTS["workspace_gb"],

@@ -301,10 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32: float32 logits; screened (float32 GQA decoder only): int8 bounds on every logit, "
                         "the host rescores in float32 the few rows that can be the argmax: the same greedy ids, "
                         "a quarter of the lm_head bytes per decode step")
-    p.add_argument("--qdq", choices=["int8"], default=None,
-                   help="also write int8 Q/DQ copies of the vision and SAM2 graphs (*.int8.onnx, for `finers-rt build "
-                        "--precision int8`): symmetric int8, calibrated on --calib-data (default: synthetic frames), "
-                        "checked against fp32 on held-out images; implies --device cuda graph kinds")
+    p.add_argument("--qdq", choices=["int8", "fp8"], default=None,
+                   help="also write Q/DQ copies of the vision and SAM2 graphs (*.int8.onnx / *.fp8.onnx, for "
+                        "`finers-rt build --precision int8|fp8`): symmetric int8 calibrated on --calib-data (default: "
+                        "synthetic frames), or fp8 E4M3 converted from it; checked against fp32 on held-out images; "
+                        "implies --device cuda graph kinds")
     p.add_argument("--calib-count", type=int, default=8, help="--qdq: calibration images (2 more are held out)")
     from .export.trtllm_engine import add_trtllm_export_args  # numpy-only module
 

@@ -7,6 +7,9 @@
    held-out deviations within THRESHOLDS and recorded in the manifest; then `finers-rt build
    --precision int8` (fake TensorRT) parses the Q/DQ files.
 3. `finers-rt export --qdq int8` wiring (export itself mocked).
+4. fp8 (E4M3) copies converted from the int8 ones (`qdq_fp8`): scales and codes against E4M3 rounding
+   computed by hand from the format's definition, the ORT result against that arithmetic, and the
+   tiny graphs' fp8 copies beside the int8 ones with their own manifest section and parity.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from finers_rt.export import qdq
 from onnx import TensorProto, helper, numpy_helper
 
 from finers_rt.manifest import MANIFEST
-from finers_rt.trt_engines import TRT_GRAPHS
+from finers_rt.trt_engines import QDQ_GRAPHS, TRT_GRAPHS
 
 
 def _int8(x: np.ndarray, scale, lo: int) -> np.ndarray:
@@ -41,7 +44,7 @@ def _matmul_model(path: Path, w: np.ndarray) -> None:
 
 
 def test_matmul_qdq_is_symmetric_int8_computed_by_hand(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((16, 8)) * np.linspace(0.1, 3.0, 8)).astype(np.float32)  # (K, N), per-column scale
     calib = [{"x": rng.standard_normal((5, 16)).astype(np.float32)} for _ in range(3)]
@@ -66,7 +69,7 @@ def test_matmul_qdq_is_symmetric_int8_computed_by_hand(tmp_path):
 
     x = rng.standard_normal((7, 16)).astype(np.float32) * 1.5  # held out, partly past the calibrated range
     expected = (_int8(x, sx, -128) * sx) @ (_int8(w, sw, -127) * sw)
-    got = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = qdq.simulation_session(dst).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
     assert np.abs(got - x @ w).max() > 0  # it is quantized, not the float graph
 
@@ -123,7 +126,7 @@ def qdq_engines(tiny_engines, tmp_path_factory):
 
 
 def test_cli_writes_qdq_graphs_beside_the_fp32_ones(qdq_engines, tiny_engines):
-    section = json.loads((qdq_engines / MANIFEST).read_text())["qdq"]
+    section = qdq.qdq_sections(json.loads((qdq_engines / MANIFEST).read_text()))["int8"]
     assert section["precision"] == "int8" and section["method"] == "MinMax" and section["calib_data"] == "synthetic"
     for rel in TRT_GRAPHS:
         entry = section["graphs"][rel]
@@ -162,7 +165,7 @@ def test_qdq_only_around_weight_bearing_ops_with_symmetric_per_channel_weights(q
 
 @pytest.mark.parametrize("rel", TRT_GRAPHS)
 def test_held_out_deviation_within_threshold_is_recorded(qdq_engines, rel):
-    parity = json.loads((qdq_engines / MANIFEST).read_text())["qdq"]["graphs"][rel]["parity"]
+    parity = qdq.qdq_sections(json.loads((qdq_engines / MANIFEST).read_text()))["int8"]["graphs"][rel]["parity"]
     kind = qdq.graph_kind(rel)
     assert parity["threshold"] == qdq.THRESHOLDS[kind] and parity["held_out"] == qdq.DEFAULT_HOLDOUT
     for key, limit in qdq.THRESHOLDS[kind].items():
@@ -206,3 +209,99 @@ def test_export_qdq_flag_exports_standard_op_graphs_then_quantizes(monkeypatch, 
     assert cli.main(["export", "--checkpoints", str(tmp_path), "--out", str(tmp_path / "o"), "--qdq", "int8",
                      "--vision-attention", "ort"]) == 2
     assert "--qdq quantizes fp32 standard-op graphs" in capsys.readouterr().err
+
+
+# ---- fp8 (E4M3) -----------------------------------------------------------------------------------
+
+
+def _e4m3_grid() -> np.ndarray:
+    """Every finite non-negative float8e4m3fn value, from the format: 4 exponent bits (bias 7),
+    3 mantissa bits, subnormals at exponent 0, no infinities, 0x7F is NaN (so the top is 448)."""
+    codes = np.arange(0x7F)  # 0x00 .. 0x7E
+    e, m = codes >> 3, codes & 7
+    return np.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e - 7))
+
+
+def _e4m3(x: np.ndarray) -> np.ndarray:
+    """Round to the nearest E4M3 value, ties to the even code, saturating at +-448 (QuantizeLinear's
+    float8 rounding with saturate=1), by search in the grid: independent of ml_dtypes."""
+    grid = _e4m3_grid()
+    a = np.minimum(np.abs(x.astype(np.float64)), grid[-1])
+    hi = np.clip(np.searchsorted(grid, a), 1, len(grid) - 1)
+    lo = hi - 1
+    d_lo, d_hi = a - grid[lo], grid[hi] - a
+    pick = np.where(d_lo < d_hi, lo, np.where(d_hi < d_lo, hi, np.where(lo % 2 == 0, lo, hi)))
+    return np.sign(x) * grid[pick]
+
+
+def test_e4m3_rounding_by_hand_matches_the_converter():
+    from finers_rt.export.qdq_fp8 import to_e4m3
+
+    assert _e4m3_grid()[-1] == 448 and _e4m3_grid()[1] == 2.0 ** -9
+    x = np.concatenate([np.linspace(-500, 500, 20001), np.linspace(-0.02, 0.02, 4001),
+                        _e4m3_grid()[:-1] + np.diff(_e4m3_grid()) / 2]).astype(np.float32)  # all midpoints: ties
+    np.testing.assert_array_equal(to_e4m3(x).astype(np.float64), _e4m3(x))
+
+
+def test_matmul_fp8_is_e4m3_computed_by_hand(tmp_path):
+    pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((16, 8)) * np.linspace(0.1, 3.0, 8)).astype(np.float32)
+    calib = [{"x": rng.standard_normal((5, 16)).astype(np.float32)} for _ in range(3)]
+    src, dst = tmp_path / "mm.onnx", tmp_path / "mm.fp8.onnx"
+    _matmul_model(src, w)
+    qdq.quantize_graph(src, dst, calib)
+    qdq.fp8_from_int8(dst, src)
+
+    # by hand: activation scale = calibrated absmax / 448, weight scale per output column = absmax / 448
+    sx = max(np.abs(f["x"]).max() for f in calib) / 448
+    sw = np.abs(w).max(0) / 448  # (N,)
+    model = onnx.load(str(dst))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 19
+    inits = {i.name: i for i in model.graph.initializer}
+    arrays = {k: numpy_helper.to_array(v) for k, v in inits.items()}
+    dq = {n.input[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    (wq_name, w_dq), = [(k, n) for k, n in dq.items() if k in inits]
+    (x_dq,) = [n for k, n in dq.items() if k not in inits]
+    fp8 = TensorProto.FLOAT8E4M3FN
+    assert inits[wq_name].data_type == fp8 and all(inits[n.input[2]].data_type == fp8 for n in (w_dq, x_dq))
+    assert not any(arrays[n.input[2]].astype(np.float32).any() for n in (w_dq, x_dq))  # zero points 0
+    np.testing.assert_allclose(arrays[w_dq.input[1]], sw, rtol=1e-6)
+    np.testing.assert_allclose(arrays[x_dq.input[1]], sx, rtol=1e-6)
+    np.testing.assert_array_equal(arrays[wq_name].astype(np.float64), _e4m3(w / arrays[w_dq.input[1]]))
+
+    x = rng.standard_normal((7, 16)).astype(np.float32) * 1.5  # held out, partly past the calibrated range
+    s_x = arrays[x_dq.input[1]].astype(np.float64)
+    expected = (_e4m3(x / s_x) * s_x) @ (_e4m3(w / arrays[w_dq.input[1]]) * arrays[w_dq.input[1]])
+    got = qdq.simulation_session(dst).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    assert np.abs(got - x @ w).max() > 0
+
+
+@pytest.fixture(scope="module")
+def fp8_engines(qdq_engines, tmp_path_factory):
+    """The int8 folder plus fp8 Q/DQ graphs, written by the module's CLI."""
+    out = tmp_path_factory.mktemp("fp8") / "engines"
+    shutil.copytree(qdq_engines, out)
+    qdq.main(["--engines", str(out), "--precision", "fp8", "--calib-count", "2"])
+    return out
+
+
+@pytest.mark.parametrize("rel", QDQ_GRAPHS["fp8"])
+def test_fp8_copies_sit_beside_the_int8_ones_with_their_own_section(fp8_engines, qdq_engines, rel):
+    sections = qdq.qdq_sections(json.loads((fp8_engines / MANIFEST).read_text()))
+    assert set(sections) == {"int8", "fp8"} and set(sections["fp8"]["graphs"]) == {"gse/vision.onnx", "lpr/vision.onnx"}
+    assert not list(fp8_engines.glob("sam2/*.fp8.onnx"))  # SAM2 stays out of the fp8 recipe (trt_engines)
+    assert sections["int8"] == qdq.qdq_sections(json.loads((qdq_engines / MANIFEST).read_text()))["int8"]
+    entry = sections["fp8"]["graphs"][rel]
+    assert entry["file"] == qdq.qdq_file(rel, "fp8") and entry["source_sha256"] == qdq.file_sha256(fp8_engines / rel)
+    assert (fp8_engines / qdq.qdq_file(rel)).read_bytes() == (qdq_engines / qdq.qdq_file(rel)).read_bytes()
+    model = onnx.load(str(fp8_engines / entry["file"]))
+    inits = {i.name: i for i in model.graph.initializer}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq and all(inits[n.input[2]].data_type == TensorProto.FLOAT8E4M3FN for n in dq)
+    assert not any(i.data_type == TensorProto.INT8 for i in model.graph.initializer)
+    for key, limit in qdq.THRESHOLDS[qdq.graph_kind(rel)].items():
+        value = entry["parity"][key]
+        assert (value >= limit) if key.startswith("min_") else (value <= limit)
+        print(f"fp8 {rel} {key} {value:.4f} (limit {limit})")

@@ -221,16 +221,19 @@ def _qdq_bytes() -> bytes:
     return onnx.helper.make_model(onnx.helper.make_graph([q], "g", [], [])).SerializeToString()
 
 
-def _add_qdq_section(folder: Path, *, stale: str | None = None) -> None:
-    """What `finers_rt.export.qdq.export_qdq` records: a Q/DQ file per TensorRT graph + the fp32 graph's hash."""
+def _add_qdq_section(folder: Path, *, stale: str | None = None, precision: str = "int8", legacy: bool = False) -> None:
+    """What `finers_rt.export.qdq.export_qdq` records: a Q/DQ file per TensorRT graph + the fp32 graph's
+    hash, in the manifest's `qdq` section for `precision` (legacy: the one-section form of int8-only folders)."""
     from finers_rt.export.qdq import file_sha256, qdq_file
 
     manifest = json.loads((folder / MANIFEST).read_text())
     graphs = {}
     for rel in TRT_GRAPHS:
-        (folder / qdq_file(rel)).write_bytes(_qdq_bytes())
-        graphs[rel] = {"file": qdq_file(rel), "source_sha256": stale if rel == stale else file_sha256(folder / rel)}
-    manifest["qdq"] = {"precision": "int8", "graphs": graphs}
+        (folder / qdq_file(rel, precision)).write_bytes(_qdq_bytes())
+        graphs[rel] = {"file": qdq_file(rel, precision),
+                       "source_sha256": stale if rel == stale else file_sha256(folder / rel)}
+    section = {"precision": precision, "graphs": graphs}
+    manifest["qdq"] = section if legacy else {precision: section}
     write_manifest(folder, manifest)
 
 
@@ -241,13 +244,13 @@ def test_trt10_int8_needs_qdq_graphs(fake_build, monkeypatch, tmp_path):
     assert trt_build.has_qdq(tmp_path / "q.onnx")
 
 
-def _qdq_build(monkeypatch, tmp_path, version: str, **section):
+def _qdq_build(monkeypatch, tmp_path, version: str, precision: str = "int8", **section):
     monkeypatch.setattr(trt_build, "device_info", lambda: dict(H100))
     trt = _fake_builder_trt(version)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     folder = _engine_folder(tmp_path / "eng")
-    _add_qdq_section(folder, **section)
-    return trt, folder, trt_build.build_engines(folder, precision="int8")
+    _add_qdq_section(folder, precision=precision, **section)
+    return trt, folder, trt_build.build_engines(folder, precision=precision)
 
 
 @pytest.mark.parametrize("version,network,flags", [("10.16.1.11", 0, ["INT8", "FP16"]), ("11.4.0.106", 1 << 1, [])])
@@ -259,7 +262,43 @@ def test_int8_builds_the_qdq_graphs_of_the_manifest(monkeypatch, tmp_path, versi
         assert [c[1] for c in calls if c[0] == "set_flag"] == flags  # 11: the Q/DQ graph's own types
         assert section["engines"][rel]["onnx"] == rel.replace(".onnx", ".int8.onnx")
         assert section["engines"][rel]["file"] == rel.replace(".onnx", ".engine")
+        assert section["engines"][rel]["precision"] == "int8"
     assert section["precision"] == "int8"
+
+
+VISION_GRAPHS = ("gse/vision.onnx", "lpr/vision.onnx")
+
+
+def test_fp8_builds_the_vision_towers_from_fp8_graphs_and_sam2_in_fp16(monkeypatch, tmp_path):
+    trt, folder, section = _qdq_build(monkeypatch, tmp_path, "10.16.1.11", "fp8")
+    for rel, calls in zip(TRT_GRAPHS, _per_graph(trt.calls)):
+        fp8 = rel in VISION_GRAPHS
+        parsed = rel.replace(".onnx", ".fp8.onnx") if fp8 else rel
+        assert calls[1] == ("parse_from_file", str(folder / parsed))
+        assert [c[1] for c in calls if c[0] == "set_flag"] == (["FP8", "FP16"] if fp8 else ["FP16"])
+        assert section["engines"][rel]["onnx"] == parsed
+        assert section["engines"][rel]["precision"] == ("fp8" if fp8 else "fp16")
+    assert section["precision"] == "fp8"
+
+
+def test_fp8_on_trt11_converts_sam2_to_fp16_and_builds_the_fp8_graphs_as_typed(monkeypatch, tmp_path):
+    converted = []
+
+    def to_fp16(path, dst):
+        converted.append(Path(path).relative_to(tmp_path / "eng").as_posix())
+        Path(dst).write_bytes(b"fp16")
+
+    monkeypatch.setattr("finers_rt.export.quantize.to_fp16", to_fp16)
+    trt, folder, section = _qdq_build(monkeypatch, tmp_path, "11.4.0.106", "fp8")
+    assert converted == ["sam2/sam2_encoder.onnx", "sam2/sam2_decoder.onnx"]
+    for rel, calls in zip(VISION_GRAPHS, _per_graph(trt.calls)):
+        assert calls[1] == ("parse_from_file", str(folder / rel.replace(".onnx", ".fp8.onnx")))
+        assert not [c for c in calls if c[0] == "set_flag"]
+
+
+def test_int8_reads_the_one_section_manifest_of_older_folders(monkeypatch, tmp_path):
+    _, folder, section = _qdq_build(monkeypatch, tmp_path, "10.16.1.11", legacy=True)
+    assert section["engines"]["gse/vision.onnx"]["onnx"] == "gse/vision.int8.onnx"
 
 
 def test_int8_refuses_qdq_graphs_of_another_fp32_graph(monkeypatch, tmp_path):
@@ -267,9 +306,13 @@ def test_int8_refuses_qdq_graphs_of_another_fp32_graph(monkeypatch, tmp_path):
         _qdq_build(monkeypatch, tmp_path, "10.16.1.11", stale="sam2/sam2_decoder.onnx")
 
 
-def test_fp8_is_refused_with_what_writes_fp8_graphs(fake_build):
-    with pytest.raises(ValueError, match=r"fp8 Q/DQ graphs \(NVIDIA ModelOpt.*int8 Q/DQ only"):
-        fake_build("10.16.1.11", precision="fp8")
+def test_fp8_needs_fp8_qdq_graphs_not_the_int8_ones(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match=r"records none for gse/vision.onnx.*--qdq fp8"):
+        monkeypatch.setattr(trt_build, "device_info", lambda: dict(H100))
+        monkeypatch.setitem(sys.modules, "tensorrt", _fake_builder_trt("10.16.1.11"))
+        folder = _engine_folder(tmp_path / "eng")
+        _add_qdq_section(folder, precision="int8")
+        trt_build.build_engines(folder, precision="fp8")
 
 
 def test_trt11_fp16_builds_strongly_typed_from_converted_graphs(fake_build, monkeypatch):
