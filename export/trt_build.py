@@ -220,7 +220,7 @@ def add_build_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, choices=["trt"], help="trt: TensorRT engines for vision + SAM2")
     p.add_argument("--precision", default=BUILD_DEFAULTS["precision"], choices=PRECISIONS,
                    help="fp16 (default), bf16 (TensorRT 10, SM >= 8.0), fp32, int8 (from the Q/DQ graphs of "
-                        "`finers-rt export --qdq int8`), fp8 (from those of `--qdq fp8`; SM >= 8.9)")
+                        "`finers-rt export --qdq int8`), fp8 (vision from the graphs of `--qdq fp8`, SAM2 in fp16; SM >= 8.9)")
     p.add_argument("--max-batch", type=int, default=BUILD_DEFAULTS["max_batch"],
                    help="profile max of dynamic batch dims (the current graphs have none: 1)")
     p.add_argument("--workspace-gb", type=float, default=BUILD_DEFAULTS["workspace_gb"],

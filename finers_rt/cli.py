@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qdq", choices=["int8", "fp8"], default=None,
                    help="also write Q/DQ copies of the vision and SAM2 graphs (*.int8.onnx / *.fp8.onnx, for "
                         "`finers-rt build --precision int8|fp8`): symmetric int8 calibrated on --calib-data (default: "
-                        "synthetic frames), or fp8 E4M3 converted from it; checked against fp32 on held-out images; "
+                        "synthetic frames), or fp8 E4M3 converted from it (vision towers only: SAM2 builds in fp16); checked "
+                        "against fp32 on held-out images; "
                         "implies --device cuda graph kinds")
     p.add_argument("--calib-count", type=int, default=8, help="--qdq: calibration images (2 more are held out)")
     from .export.trtllm_engine import add_trtllm_export_args  # numpy-only module
