@@ -297,6 +297,7 @@ def test_fp8_copies_sit_beside_the_int8_ones_with_their_own_section(fp8_engines,
     assert entry["file"] == qdq.qdq_file(rel, "fp8") and entry["source_sha256"] == qdq.file_sha256(fp8_engines / rel)
     assert (fp8_engines / qdq.qdq_file(rel)).read_bytes() == (qdq_engines / qdq.qdq_file(rel)).read_bytes()
     model = onnx.load(str(fp8_engines / entry["file"]))
+    onnx.checker.check_model(model, full_check=True)  # valid at opset 19 (schemas + shape inference)
     inits = {i.name: i for i in model.graph.initializer}
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert dq and all(inits[n.input[2]].data_type == TensorProto.FLOAT8E4M3FN for n in dq)
