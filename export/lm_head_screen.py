@@ -17,7 +17,7 @@ graph's own roundings of d, its norms and the scaling).
 Standard ONNX ops only (DynamicQuantizeLinear, MatMulInteger, DequantizeLinear): their results are
 defined by the ONNX spec, so the bound holds wherever the graph runs, provided the int32 products
 are exact. With full-range int8 weights they are not on every kernel: ONNX Runtime's x86 u8s8 GEMM
-without VNNI (AVX2, AVX-512F) sums pairs of u8 x s8 products in saturating int16 (vpmaddubsw),
+without VNNI (seen on AVX2) sums pairs of u8 x s8 products in saturating int16 (vpmaddubsw),
 wrong once a pair passes 32767 (255 * 127 * 2 = 64770; measured on an AVX2-only EPYC, ORT 1.32:
 every output of a full-range MatMulInteger wrong). So the weight rows are quantized to 7 bits,
 codes -63..63 (a pair is at most 255 * 63 * 2 = 32130: exact on every kernel), while the
