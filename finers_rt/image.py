@@ -106,7 +106,7 @@ def resize_bilinear(image: np.ndarray | Image.Image, size: tuple[int, int], thre
     reference resizes. threads > 1: PIL's passes split into bands, byte-identical
     (`host_parallel.resize`)."""
     if isinstance(image, Image.Image):
-        return np.asarray(resize(image, tuple(size), Image.BILINEAR, threads))
+        return np.asarray(resize(image, tuple(size), Image.BILINEAR, threads, scratch=True))
     if (image.shape[1], image.shape[0]) == tuple(size):
         return image
     return resize_array(image, size, Image.BILINEAR, threads)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile
 
-from .host_parallel import HOST_THREADS, _executor, map_bands, resize
+from .host_parallel import HOST_THREADS, _executor, map_bands, resize, scratch_image
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,10 @@ def open_resized(source, size: tuple[int, int]) -> tuple[Image.Image, np.ndarray
 def _resize_rows(view: Image.Image, size: tuple[int, int], progress: _Progress) -> np.ndarray:
     """BILINEAR resize of `view` to size, reading only rows the decoder has published."""
     (W, H), (w, h) = view.size, size
-    mid = Image.new("RGB", (w, H), None)  # horizontal pass output; every row is written
+    # horizontal pass output and result: every row is written; reused (host_parallel.scratch_image)
+    mid = scratch_image("stream_mid", "RGB", (w, H))
     k = H // h if H % h == 0 else 0  # integer height ratio: the vertical pass streams too
-    out = Image.new("RGB", (w, h), None) if k else None
+    out = scratch_image("stream_out", "RGB", (w, h)) if k else None  # returned as a copy
 
     def horizontal(span):
         y0, y1 = span
@@ -189,7 +190,7 @@ def _resize_rows(view: Image.Image, size: tuple[int, int], progress: _Progress) 
     if h_done < H:
         map_bands(lambda s: horizontal((h_done + s[0], h_done + s[1])), H - h_done, HOST_THREADS)
     if not k:
-        return np.asarray(resize(mid, (w, h), Image.BILINEAR))
+        return np.asarray(resize(mid, (w, h), Image.BILINEAR, scratch=True))
     if v_done < h:
         map_bands(lambda s: vertical((v_done + s[0], v_done + s[1])), h - v_done, HOST_THREADS)
     return np.asarray(out)

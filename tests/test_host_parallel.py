@@ -41,6 +41,22 @@ def test_banded_resize_is_byte_identical_to_pil(geometry, resample, threads):
     assert np.array_equal(got, expected)
 
 
+def test_scratch_results_are_copied_and_per_thread():
+    """resize_array reuses this thread's scratch images between calls; what it returns is a copy,
+    so a second call of the same size leaves the first result as it was (and both equal PIL), and
+    another thread gets its own scratch image."""
+    a, b = (Image.fromarray(_textured(1920, 1080, seed)) for seed in (3, 4))
+    first = host_parallel.resize_array(np.asarray(a), (1932, 1092), Image.BICUBIC, 2)
+    kept = first.copy()
+    second = host_parallel.resize_array(np.asarray(b), (1932, 1092), Image.BICUBIC, 2)
+    assert np.array_equal(first, kept) and np.array_equal(first, np.asarray(a.resize((1932, 1092), Image.BICUBIC)))
+    assert np.array_equal(second, np.asarray(b.resize((1932, 1092), Image.BICUBIC)))
+    here = host_parallel.scratch_image("out", "RGB", (64, 32))
+    assert host_parallel.scratch_image("out", "RGB", (64, 32)) is here  # reused on this thread
+    other = host_parallel._executor().submit(host_parallel.scratch_image, "out", "RGB", (64, 32)).result()
+    assert other is not here
+
+
 def test_banded_resize_grayscale_and_identity():
     im = Image.fromarray(_textured(640, 480, 1)[..., 0])
     assert np.array_equal(np.asarray(host_parallel.resize(im, (333, 222), Image.BILINEAR, 4)),
