@@ -239,7 +239,9 @@ def export_qdq(engine_dir: Path, *, precision: str = "int8", calib_data: Path | 
     with tempfile.TemporaryDirectory(prefix="qdq-calib-") as tmp:
         samples = calibration_samples(calib_data, calib_count + holdout, Path(tmp))
         calib, held = samples[:calib_count], samples[calib_count:]
-        encoder = ort.InferenceSession(str(engine_dir / "sam2/sam2_encoder.onnx"), providers=["CPUExecutionProvider"])
+        # the SAM2 decoder's feeds are the fp32 encoder's outputs; recipes without it (fp8) skip the session
+        encoder = (ort.InferenceSession(str(engine_dir / "sam2/sam2_encoder.onnx"), providers=["CPUExecutionProvider"])
+                   if "sam2/sam2_decoder.onnx" in QDQ_GRAPHS[precision] else None)
         for rel in QDQ_GRAPHS[precision]:
             src, dst = engine_dir / rel, engine_dir / qdq_file(rel, precision)
             n = quantize_graph(src, dst, graph_feeds(engine_dir, rel, calib, encoder), progress=progress)

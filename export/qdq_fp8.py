@@ -43,7 +43,7 @@ def to_fp8(int8_model, fp32_model) -> int:
     """Rewrite `int8_model` (an int8 Q/DQ ModelProto from `qdq.quantize_graph`) in place as fp8;
     `fp32_model` is the graph it was quantized from (weights by consuming node name). Returns the
     number of weights converted."""
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     inits = {i.name: i for i in int8_model.graph.initializer}
     fp32_inits = {i.name: i for i in fp32_model.graph.initializer}
@@ -76,7 +76,7 @@ def to_fp8(int8_model, fp32_model) -> int:
     for opset in int8_model.opset_import:
         if opset.domain in ("", "ai.onnx") and opset.version < FP8_OPSET:
             opset.version = FP8_OPSET
-    left = [i.name for i in int8_model.graph.initializer if i.data_type == helper.np_dtype_to_tensor_dtype(np.dtype(np.int8))]
+    left = [i.name for i in int8_model.graph.initializer if i.data_type == TensorProto.INT8]
     if left:
         raise RuntimeError(f"int8 initializers left after the fp8 conversion: {left[:5]}")
     return weights
