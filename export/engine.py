@@ -105,9 +105,10 @@ def export_engines(checkpoints: Path, out: Path, *, precision: str = "fp32", ove
                    decoder_attention: str = "onnx", lm_head: str = "fp32", sam2_attention: str = "onnx") -> dict:
     """Export GSE, LPR and SAM2 from `checkpoints` (DIR/gse, DIR/lpr, DIR/sam2) into `out`.
 
-    vision_attention: "onnx" (standard ops: every runtime, TensorRT included) or "ort" (the
-    full-attention blocks as ORT's MultiHeadAttention: ~15 % faster GSE vision on the CPU at the
-    bench shape, 7x less peak memory at 1080p; ONNX Runtime only, `finers-rt build` refuses it).
+    vision_attention: "onnx" (standard ops: every runtime, TensorRT included) or "ort" (every
+    block's attention as ORT's MultiHeadAttention, its rotary as RotaryEmbedding: ~15 % faster GSE
+    vision on the CPU at the bench shape, 7x less peak memory at 1080p; ONNX Runtime only,
+    `finers-rt build` refuses it).
     decoder_attention: "onnx" (standard ops, KV cache grown by Concat) or "gqa" (ORT's
     GroupQueryAttention contrib op with a fixed-size KV cache written in place; ONNX Runtime only,
     which is where decoders always run; `onnx_decoder_gqa`).

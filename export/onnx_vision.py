@@ -19,7 +19,7 @@ from torch import nn
 
 from ..qwen_vision_host import VisionPreprocessConfig, pixel_values, vision_inputs
 from ..specs import VISION
-from .onnx_mha import ATTENTION_KINDS, full_attention, mha_translation  # the "ort" attention
+from .onnx_mha import ATTENTION_KINDS, full_attention, masked_attention, mha_translation, rotary  # "ort"
 
 log = logging.getLogger(__name__)
 
@@ -83,35 +83,59 @@ class VisionForOnnx(nn.Module):
         out = scores.softmax(dim=-1) @ qkv[2]  # (B, H, S, hd)
         return attn.proj(out.transpose(1, 2).reshape(b, s, d))
 
-    def full_attention_mha(self, attn: nn.Module, x, cos, sin):
-        """x (N, D); cos/sin (N, 1, hd): rotary in (N, H, hd) layout, then one fused MHA, no transposes."""
-        n, d = x.shape
-        qkv = attn.qkv(x).reshape(n, 3, self.num_heads, d // self.num_heads)
-        qk = qkv[:, :2]  # (N, 2, H, hd)
-        qk = qk * cos[:, None] + _rotate_half(qk) * sin[:, None]
-        q, k = (t.reshape(1, n, d) for t in qk.unbind(1))
-        out = full_attention(q, k, qkv[:, 2].reshape(1, n, d), self.num_heads, attn.scaling)
-        return attn.proj(out[0])
+    def rotary_pairs(self, pos_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos_ids (N, 2) int64 -> cos, sin (N, head_dim/2): one angle per rotated pair, the tables
+        `rotary` (ORT's RotaryEmbedding) takes; `self.rotary`'s are these twice."""
+        freqs = pos_ids.to(torch.float32)[:, :, None] * self.inv_freq  # (N, 2, head_dim/4)
+        freqs = freqs.reshape(freqs.shape[0], -1)  # (N, head_dim/2): h then w
+        return freqs.cos(), freqs.sin()
+
+    def attention_ort(self, attn: nn.Module, x, positions, cos, sin, key_mask=None):
+        """Attention as ORT contrib ops: x (B, S, D); positions (B, S) int64 rows of cos/sin
+        (N, head_dim/2); key_mask (B, S) int32 (0 = padding slot) or None. q, k and v stay in
+        (B, S, H*hd) layout throughout: no head transposes, rotary in one pass each."""
+        b, s, d = x.shape
+        qkv = attn.qkv(x.reshape(b * s, d)).reshape(b, s, 3 * d)  # 2-D: one Gemm with its bias
+        q, k, v = qkv.split(d, dim=-1)
+        q, k = (rotary(t, positions, cos, sin, self.num_heads) for t in (q, k))
+        if key_mask is None:
+            out = full_attention(q, k, v, self.num_heads, attn.scaling)
+        else:
+            out = masked_attention(q, k, v, key_mask, self.num_heads, attn.scaling)
+        return attn.proj(out.reshape(b * s, d)).reshape(b, s, d)
 
     def forward(self, pixel_values, pos_ids, win_gather, win_mask, win_scatter):
         """pixel_values (N, 1176) f32, pos_ids (N, 2) i64, win_gather (W, L) i64, win_mask (W, L) bool,
         win_scatter (N,) i64 -> image_embeds (N/4, out_hidden) f32, window order."""
         x = pixel_values @ self.patch_weight  # (N, D)
         n, d = x.shape
-        cos, sin = self.rotary(pos_ids)
-        full_cos, full_sin = cos[None, None], sin[None, None]  # (1, 1, N, hd)
-        win_cos, win_sin = cos[win_gather][:, None], sin[win_gather][:, None]  # (W, 1, L, hd)
-        # (W, 1, 1, L) additive key mask, 0 = real patch; every window holds a real patch, so no row is all -inf
-        key_bias = torch.zeros(win_mask.shape, dtype=x.dtype).masked_fill(~win_mask, float("-inf"))[:, None, None]
+        if self.attention_kind == "ort":  # contrib ops; (N, hd/2) tables indexed by patch
+            cos, sin = self.rotary_pairs(pos_ids)
+            everyone = torch.arange(n)[None]  # (1, N): a full block reads rows 0..N-1
+            key_mask = win_mask.to(torch.int32)  # (W, L), 1 = real patch
+
+            def full(attn, h):
+                return self.attention_ort(attn, h[None], everyone, cos, sin)[0]
+
+            def windows(attn, h):
+                return self.attention_ort(attn, h[win_gather], win_gather, cos, sin, key_mask)
+        else:  # standard ops; (N, hd) tables, gathered per window
+            cos, sin = self.rotary(pos_ids)
+            win_cos, win_sin = cos[win_gather][:, None], sin[win_gather][:, None]  # (W, 1, L, hd)
+            # (W, 1, 1, L) additive key mask, 0 = real patch; every window holds a real patch, so no row is all -inf
+            key_bias = torch.zeros(win_mask.shape, dtype=x.dtype).masked_fill(~win_mask, float("-inf"))[:, None, None]
+
+            def full(attn, h):
+                return self.attention(attn, h[None], cos[None, None], sin[None, None])[0]
+
+            def windows(attn, h):
+                return self.attention(attn, h[win_gather], win_cos, win_sin, key_bias)
         for i, blk in enumerate(self.blocks):
             h = _rms_norm(blk.norm1, x)
-            if i in self.fullatt and self.attention_kind == "ort":
-                a = self.full_attention_mha(blk.attn, h, cos[:, None], sin[:, None])
-            elif i in self.fullatt:  # one image: every patch attends to all N
-                a = self.attention(blk.attn, h[None], full_cos, full_sin)[0]
-            else:  # padded windows; padding slots are dropped again by the scatter
-                a = self.attention(blk.attn, h[win_gather], win_cos, win_sin, key_bias)
-                a = a.reshape(-1, d)[win_scatter]
+            if i in self.fullatt:  # one image: every patch attends to all N
+                a = full(blk.attn, h)
+            else:  # padded windows (W, L, D); padding slots are dropped again by the scatter
+                a = windows(blk.attn, h).reshape(-1, d)[win_scatter]
             x = x + a
             x = x + blk.mlp(_rms_norm(blk.norm2, x))
         merged = _rms_norm(self.merger.ln_q, x).reshape(n // 4, -1)  # (N/4, 4D): one row per 2x2 unit
@@ -195,8 +219,10 @@ def verify_vision(onnx_path: Path, visual: nn.Module, cfg: VisionPreprocessConfi
 def export_vision(checkpoint: Path, out_path: Path, *, opset: int = 18, attention: str = "onnx") -> dict:
     """Export the vision tower of `checkpoint` to `out_path`, verify it, return the report.
 
-    attention: "onnx" (standard ops: ORT, TensorRT) or "ort" (full-attention blocks as ORT's
-    MultiHeadAttention contrib op: less memory and time on ORT, not parseable by TensorRT).
+    attention: "onnx" (standard ops: ORT, TensorRT) or "ort" (ORT's contrib ops: every block's
+    attention as MultiHeadAttention, the windows' with a key padding mask, and q/k rotary as
+    RotaryEmbedding, all in (B, S, H*hd) layout; less memory and time on ORT, not parseable by
+    TensorRT).
 
     Raises RuntimeError when any verification size exceeds `VISION.atol`.
     """

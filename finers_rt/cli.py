@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "ORT CUDA and `finers-rt build` for TensorRT)")
     p.add_argument("--vision-attention", choices=["onnx", "ort"], default=None,
                    help="onnx: standard ops, TensorRT-buildable; ort: ORT's MultiHeadAttention (flash attention) "
-                        "for the full-attention blocks (faster, 7x less memory on CPU; ONNX Runtime only)")
+                        "and RotaryEmbedding for every block (faster, 7x less memory on CPU; ONNX Runtime only)")
     p.add_argument("--sam2-attention", choices=["onnx", "ort"], default=None,
                    help="onnx: standard ops, TensorRT-buildable; ort: ORT's MultiHeadAttention (flash attention) "
                         "for the SAM2 encoder's Hiera blocks (faster on CPU; ONNX Runtime only)")

@@ -141,7 +141,7 @@ def vision_onnx(tiny_engines):
 
 @pytest.fixture(scope="module")
 def vision_onnx_mha(tiny_ckpt, tmp_path_factory):
-    """The ORT-only variant: full-attention blocks as com.microsoft.MultiHeadAttention."""
+    """The ORT-only variant: attention and rotary as com.microsoft contrib ops."""
     return _export(tiny_ckpt, tmp_path_factory, "ort")
 
 
@@ -161,13 +161,20 @@ def test_graph_matches_torch(request, hf_visual, cfg, size, attention):
 
 
 def test_graph_ops(vision_onnx, vision_onnx_mha):
-    """The portable graph holds only standard-domain ops; the ORT variant has one MHA per full block."""
+    """The portable graph holds only standard-domain ops; the ORT variant has one MHA per block
+    (the window blocks' with a key padding mask) and a RotaryEmbedding for each of q and k."""
     import onnx
 
     ops = {(n.domain, n.op_type) for n in onnx.load(vision_onnx).graph.node}
     assert all(domain in ("", "ai.onnx") for domain, _ in ops)
-    mha = [n for n in onnx.load(vision_onnx_mha).graph.node if n.op_type == "MultiHeadAttention"]
-    assert len(mha) == 2 and all(n.domain == "com.microsoft" for n in mha)  # tiny: fullatt blocks [1, 3]
+    nodes = onnx.load(vision_onnx_mha).graph.node
+    mha = [n for n in nodes if n.op_type == "MultiHeadAttention"]
+    rope = [n for n in nodes if n.op_type == "RotaryEmbedding"]
+    assert all(n.domain == "com.microsoft" for n in mha + rope)
+    # tiny: 4 blocks, full attention in [1, 3]; the window blocks' MHA has a 5th input, the mask
+    assert sorted(len([i for i in n.input if i]) for n in mha) == [3, 3, 4, 4]
+    assert len(rope) == 8
+    assert not [n for n in nodes if n.op_type in ("Softmax", "Transpose", "Neg")]  # no unfused attention left
 
 
 # --- (d) providers -------------------------------------------------------------------------------
