@@ -95,8 +95,9 @@ class VisionForOnnx(nn.Module):
         (N, head_dim/2); key_mask (B, S) int32 (0 = padding slot) or None. q, k and v stay in
         (B, S, H*hd) layout throughout: no head transposes, rotary in one pass each."""
         b, s, d = x.shape
-        qkv = attn.qkv(x.reshape(b * s, d)).reshape(b, s, 3 * d)  # 2-D: one Gemm with its bias
-        q, k, v = qkv.split(d, dim=-1)
+        rows = x.reshape(b * s, d)  # 2-D: Gemms with their bias; one per third of the qkv weight
+        q, k, v = (nn.functional.linear(rows, w, bias).reshape(b, s, d)  # (no Split copy of a (B*S, 3D) output)
+                   for w, bias in zip(attn.qkv.weight.chunk(3), attn.qkv.bias.chunk(3)))
         q, k = (rotary(t, positions, cos, sin, self.num_heads) for t in (q, k))
         if key_mask is None:
             out = full_attention(q, k, v, self.num_heads, attn.scaling)
