@@ -44,9 +44,14 @@ def open_session(path: str | Path, providers: list | None, spec: GraphSpec | Non
     ORT drops a requested provider it does not have (or cannot load, e.g. CUDA without a GPU)
     with a warning and runs on the CPU; here that is an error naming the provider.
 
+    Every session's CPU worker threads stop spinning when a run returns (ORT's default keeps them
+    spinning ~60 ms, holding a core that the host work or the next session's run needs). For the
+    decoder too: its last step's spin ate into region + LPR vision, and between steps it competed
+    with the host's token work (bench shape, 2-core AVX2 EPYC, 6 alternated pipeline runs each:
+    GSE decode 1.96 vs 2.20 s, LPR decode 0.96 vs 1.02 s, LPR vision 133 vs 163 ms, end to end
+    8.83 vs 9.19 s). Waking the worker for the next step costs microseconds.
+
     once_per_stage: for graphs run once per stage (vision, SAM2); results are unchanged.
-    - ORT's CPU worker threads keep spinning ~60 ms after a run returns, holding a core the host
-      work that follows (the next stage's resizes) needs: they stop when the run ends.
     - No memory pattern: with one, ORT traces the first run's allocations and the second run
       allocates one fresh block for the whole pattern, so two runs (not one) pay first-touch page
       faults (SAM2 hiera-t: ~160k faults, +0.3 s each; GSE vision: ~660k) and the arena keeps both
@@ -67,8 +72,8 @@ def open_session(path: str | Path, providers: list | None, spec: GraphSpec | Non
                                f"onnxruntime build only has {available} (GPU providers: pip install "
                                f"'finers-rt[gpu]' in an environment without plain onnxruntime)")
     options = ort.SessionOptions()
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     if once_per_stage:
-        options.add_session_config_entry("session.force_spinning_stop", "1")
         options.enable_mem_pattern = False
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
