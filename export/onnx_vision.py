@@ -65,11 +65,10 @@ class VisionForOnnx(nn.Module):
         self.merger = visual.merger
 
     def rotary(self, pos_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos_ids (N, 2) int64 (h, w) -> cos, sin (N, head_dim): [h freqs, w freqs] twice (HF layout)."""
-        freqs = pos_ids.to(torch.float32)[:, :, None] * self.inv_freq  # (N, 2, head_dim/4)
-        freqs = freqs.reshape(freqs.shape[0], -1)  # (N, head_dim/2): h then w
-        angles = torch.cat((freqs, freqs), dim=-1)  # (N, head_dim)
-        return angles.cos(), angles.sin()
+        """pos_ids (N, 2) int64 (h, w) -> cos, sin (N, head_dim): `rotary_pairs` twice (HF's layout,
+        cos(cat(f, f)) == cat(cos f, cos f) exactly)."""
+        cos, sin = self.rotary_pairs(pos_ids)
+        return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
 
     def attention(self, attn: nn.Module, x, cos, sin, bias=None):
         """Batched non-causal attention. x (B, S, D); cos/sin (B, 1, S, hd); bias (B, 1, 1, S) or None."""
@@ -84,8 +83,8 @@ class VisionForOnnx(nn.Module):
         return attn.proj(out.transpose(1, 2).reshape(b, s, d))
 
     def rotary_pairs(self, pos_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos_ids (N, 2) int64 -> cos, sin (N, head_dim/2): one angle per rotated pair, the tables
-        `rotary` (ORT's RotaryEmbedding) takes; `self.rotary`'s are these twice."""
+        """pos_ids (N, 2) int64 -> cos, sin (N, head_dim/2): one angle per rotated pair ([h freqs,
+        w freqs]), the tables `onnx_mha.rotary` (ORT's RotaryEmbedding) takes."""
         freqs = pos_ids.to(torch.float32)[:, :, None] * self.inv_freq  # (N, 2, head_dim/4)
         freqs = freqs.reshape(freqs.shape[0], -1)  # (N, head_dim/2): h then w
         return freqs.cos(), freqs.sin()

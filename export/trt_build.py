@@ -146,7 +146,7 @@ def qdq_graph(engine_dir: Path, manifest: dict, rel: str, precision: str) -> Pat
 
 def typed_onnx(onnx_path: Path, precision: str, major: int, manifest_precision: str, tmp: Path) -> Path:
     """The ONNX file to build from: the folder's own, or (TensorRT 11, fp16) an fp16 copy in `tmp`.
-    For int8 `onnx_path` is already the Q/DQ copy (`qdq_graph`): it is built as it is."""
+    For int8 / fp8 `onnx_path` is already the Q/DQ copy (`qdq_graph`): it is built as it is."""
     if precision in QDQ_PRECISIONS and not has_qdq(onnx_path):
         raise ValueError(f"{precision} engines need explicitly quantized graphs (Q/DQ nodes); {onnx_path} has none: "
                          f"run `finers-rt export --qdq {precision}`")
